@@ -1,0 +1,887 @@
+// CUDA kernels of the GPT-2 decoder; see ops.cuh for the contract. Matrix products go to
+// cuBLAS; everything else is a small kernel here. No kernel uses atomics: reductions either
+// give each output element to one thread that sums in a fixed order, or write partial sums
+// of fixed row ranges that a second kernel adds up in a fixed order.
+#include <cmath>
+#include <cstddef>
+#include <cub/device/device_radix_sort.cuh>
+
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/ops.cuh"
+
+namespace spotrain::kernels::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr float kLayerNormEps = 1e-5f;
+
+// ---- fp32 <-> activation type --------------------------------------------------------------
+
+__device__ __forceinline__ float Load(float x) { return x; }
+__device__ __forceinline__ float Load(bf16 x) { return __bfloat162float(x); }
+
+template <typename Act>
+__device__ __forceinline__ Act Store(float x);
+template <>
+__device__ __forceinline__ float Store<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ bf16 Store<bf16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename X>
+struct CudaType;
+template <>
+struct CudaType<float> {
+  static constexpr cudaDataType_t kValue = CUDA_R_32F;
+};
+template <>
+struct CudaType<bf16> {
+  static constexpr cudaDataType_t kValue = CUDA_R_16BF;
+};
+
+// ---- reductions --------------------------------------------------------------------------
+// xor-butterfly sums leave the same bits in every lane (IEEE addition is commutative), so
+// every lane may use the result.
+
+template <typename X>
+__device__ __forceinline__ X WarpSum(X v) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+// `shared` holds 32 values. Fixed order: warps, then warp totals in warp order.
+template <typename X>
+__device__ X BlockSum(X v, X* shared) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  v = WarpSum(v);
+  __syncthreads();  // `shared` may still be read from a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  X total = lane < warps ? shared[lane] : X(0);
+  return WarpSum(total);
+}
+
+__device__ float BlockMax(float v, float* shared) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  v = WarpMax(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float m = lane < warps ? shared[lane] : -INFINITY;
+  return WarpMax(m);
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for an element-wise grid-stride kernel over n elements.
+unsigned int ElementwiseBlocks(int64_t n, int threads) {
+  const int64_t blocks = CeilDiv(n, threads);
+  return static_cast<unsigned int>(blocks < 65536 * 16 ? (blocks < 1 ? 1 : blocks) : 65536 * 16);
+}
+
+absl::Status CheckPositive(const char* op, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims) {
+    if (d <= 0) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: dimensions must be positive", op));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Carves aligned pieces out of the context's scratch memory.
+class ScratchArena {
+ public:
+  explicit ScratchArena(CudaContext& ctx)
+      : base_(static_cast<char*>(ctx.scratch())), size_(ctx.scratch_bytes()) {}
+  template <typename X>
+  absl::Status Take(const char* op, int64_t count, X** out) {
+    const size_t bytes = static_cast<size_t>(count) * sizeof(X);
+    const size_t aligned = (used_ + 255) / 256 * 256;
+    if (aligned + bytes > size_) {
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("%s needs %d bytes of CUDA scratch memory, the context has %d (raise "
+                          "CudaContextOptions.scratch_bytes)",
+                          op, aligned + bytes, size_));
+    }
+    *out = reinterpret_cast<X*>(base_ + aligned);
+    used_ = aligned + bytes;
+    return absl::OkStatus();
+  }
+
+ private:
+  char* base_;
+  size_t size_;
+  size_t used_ = 0;
+};
+
+// ---- column reductions (bias and LayerNorm weight gradients) -------------------------------
+// out0[c] += sum_n f(n, c).x and, when out1 is set, out1[c] += sum_n f(n, c).y. Pass 1: block
+// (column tile of 32, row chunk) -> one partial per column and chunk, rows summed in a fixed
+// strided order and the 8 row lanes in order. Pass 2: partials summed in chunk order.
+
+constexpr int kColTile = 32;
+constexpr int kColRows = 8;
+constexpr int kMaxChunks = 128;
+constexpr int kRowsPerChunkMin = 64;
+
+template <typename F>
+__global__ void ColumnPartialKernel(F f, float2* partial, int N, int cols, int rows_per_chunk) {
+  __shared__ float2 tile[kColRows][kColTile + 1];
+  const int c = blockIdx.x * kColTile + threadIdx.x;
+  const int chunk = blockIdx.y;
+  const int row_begin = chunk * rows_per_chunk;
+  const int row_end = min(N, row_begin + rows_per_chunk);
+  float2 acc = make_float2(0.f, 0.f);
+  if (c < cols) {
+    for (int n = row_begin + threadIdx.y; n < row_end; n += kColRows) {
+      const float2 v = f(n, c);
+      acc.x += v.x;
+      acc.y += v.y;
+    }
+  }
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float2 sum = tile[0][threadIdx.x];
+    for (int r = 1; r < kColRows; ++r) {
+      sum.x += tile[r][threadIdx.x].x;
+      sum.y += tile[r][threadIdx.x].y;
+    }
+    partial[static_cast<int64_t>(chunk) * cols + c] = sum;
+  }
+}
+
+__global__ void ColumnFinishKernel(const float2* partial, float* out0, float* out1, int cols,
+                                   int chunks) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float2 sum = partial[c];
+  for (int k = 1; k < chunks; ++k) {
+    const float2 p = partial[static_cast<int64_t>(k) * cols + c];
+    sum.x += p.x;
+    sum.y += p.y;
+  }
+  out0[c] += sum.x;
+  if (out1 != nullptr) out1[c] += sum.y;
+}
+
+template <typename F>
+absl::Status ColumnReduce(CudaContext& ctx, const char* op, F f, float* out0, float* out1, int N,
+                          int cols) {
+  const int chunks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, N / kRowsPerChunkMin)));
+  const int rows_per_chunk = static_cast<int>(CeilDiv(N, chunks));
+  ScratchArena arena(ctx);
+  float2* partial = nullptr;
+  RETURN_IF_ERROR(arena.Take(op, static_cast<int64_t>(chunks) * cols, &partial));
+  const dim3 grid(static_cast<unsigned int>(CeilDiv(cols, kColTile)), chunks);
+  const dim3 block(kColTile, kColRows);
+  ColumnPartialKernel<<<grid, block, 0, ctx.stream()>>>(f, partial, N, cols, rows_per_chunk);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  ColumnFinishKernel<<<static_cast<unsigned int>(CeilDiv(cols, 256)), 256, 0, ctx.stream()>>>(
+      partial, out0, out1, cols, chunks);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+// f(n, c) = (dout[n, c], 0): bias gradient.
+template <typename Act>
+struct RowSumOf {
+  const Act* dout;
+  int cols;
+  __device__ float2 operator()(int n, int c) const {
+    return make_float2(Load(dout[static_cast<int64_t>(n) * cols + c]), 0.f);
+  }
+};
+
+// f(n, c) = (dout * norm, dout): LayerNorm weight and bias gradients.
+template <typename Act>
+struct LayerNormParamGrads {
+  const Act* dout;
+  const Act* inp;
+  const float* mean;
+  const float* rstd;
+  int C;
+  __device__ float2 operator()(int n, int c) const {
+    const int64_t i = static_cast<int64_t>(n) * C + c;
+    const float d = Load(dout[i]);
+    const float norm = (Load(inp[i]) - mean[n]) * rstd[n];
+    return make_float2(norm * d, d);
+  }
+};
+
+// ---- encoder -------------------------------------------------------------------------------
+
+template <typename Act>
+__global__ void EncoderForwardKernel(Act* out, const int32_t* inp, const float* wte,
+                                     const float* wpe, int T, int C, int64_t total) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / C;
+    const int c = static_cast<int>(i % C);
+    const int t = static_cast<int>(n % T);
+    out[i] = Store<Act>(wte[static_cast<int64_t>(inp[n]) * C + c] +
+                        wpe[static_cast<int64_t>(t) * C + c]);
+  }
+}
+
+// dwpe[t, c] += dout[b, t, c] for b in order.
+template <typename Act>
+__global__ void PositionGradKernel(float* dwpe, const Act* dout, int B, int T, int C) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(T) * C) return;
+  float acc = dwpe[i];
+  for (int b = 0; b < B; ++b) acc += Load(dout[static_cast<int64_t>(b) * T * C + i]);
+  dwpe[i] = acc;
+}
+
+__global__ void IotaKernel(int32_t* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = i;
+}
+
+// Block i handles sorted position i if it starts a run of equal token ids: it adds the rows
+// of that token in position order (the sort is stable) into dwte, like the CPU loop does.
+template <typename Act>
+__global__ void TokenGradKernel(float* dwte, const Act* dout, const int32_t* sorted_tokens,
+                                const int32_t* sorted_positions, int N, int C) {
+  const int i = blockIdx.x;
+  const int token = sorted_tokens[i];
+  if (i > 0 && sorted_tokens[i - 1] == token) return;
+  for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < C; c += gridDim.y * blockDim.x) {
+    float acc = dwte[static_cast<int64_t>(token) * C + c];
+    for (int j = i; j < N && sorted_tokens[j] == token; ++j) {
+      acc += Load(dout[static_cast<int64_t>(sorted_positions[j]) * C + c]);
+    }
+    dwte[static_cast<int64_t>(token) * C + c] = acc;
+  }
+}
+
+// ---- LayerNorm -----------------------------------------------------------------------------
+
+template <typename Act>
+__global__ void LayerNormForwardKernel(Act* out, float* mean, float* rstd, const Act* inp,
+                                       const float* weight, const float* bias, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= N) return;
+  const Act* x = inp + static_cast<int64_t>(row) * C;
+  float sum = 0.f;
+  for (int c = lane; c < C; c += kWarp) sum += Load(x[c]);
+  const float m = WarpSum(sum) / C;
+  float var = 0.f;
+  for (int c = lane; c < C; c += kWarp) {
+    const float d = Load(x[c]) - m;
+    var += d * d;
+  }
+  const float s = 1.0f / sqrtf(WarpSum(var) / C + kLayerNormEps);
+  Act* y = out + static_cast<int64_t>(row) * C;
+  for (int c = lane; c < C; c += kWarp) {
+    y[c] = Store<Act>((Load(x[c]) - m) * s * weight[c] + bias[c]);
+  }
+  if (lane == 0) {
+    mean[row] = m;
+    rstd[row] = s;
+  }
+}
+
+template <typename Act>
+__global__ void LayerNormBackwardInputKernel(Act* dinp, const Act* dout, const Act* inp,
+                                             const float* weight, const float* mean,
+                                             const float* rstd, int N, int C) {
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= N) return;
+  const int64_t base = static_cast<int64_t>(row) * C;
+  const float m = mean[row];
+  const float s = rstd[row];
+  float dnorm_sum = 0.f;
+  float dnorm_norm_sum = 0.f;
+  for (int c = lane; c < C; c += kWarp) {
+    const float norm = (Load(inp[base + c]) - m) * s;
+    const float dnorm = weight[c] * Load(dout[base + c]);
+    dnorm_sum += dnorm;
+    dnorm_norm_sum += dnorm * norm;
+  }
+  const float dnorm_mean = WarpSum(dnorm_sum) / C;
+  const float dnorm_norm_mean = WarpSum(dnorm_norm_sum) / C;
+  for (int c = lane; c < C; c += kWarp) {
+    const float norm = (Load(inp[base + c]) - m) * s;
+    const float dnorm = weight[c] * Load(dout[base + c]);
+    const float d = (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+    dinp[base + c] = Store<Act>(Load(dinp[base + c]) + d);
+  }
+}
+
+// ---- matmul helpers ------------------------------------------------------------------------
+
+// Column-major cuBLAS product C = alpha * op(A) op(B) + beta * C, `batch` times with the
+// given strides, fp32 accumulation.
+template <typename In, typename Out>
+absl::Status Gemm(CudaContext& ctx, cublasOperation_t op_a, cublasOperation_t op_b, int m, int n,
+                  int k, float alpha, const In* a, int lda, int64_t stride_a, const In* b, int ldb,
+                  int64_t stride_b, float beta, Out* c, int ldc, int64_t stride_c, int batch) {
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  if (CudaType<In>::kValue == CUDA_R_32F && ctx.use_tf32()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+  CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+      ctx.cublas(), op_a, op_b, m, n, k, &alpha, a, CudaType<In>::kValue, lda, stride_a, b,
+      CudaType<In>::kValue, ldb, stride_b, &beta, c, CudaType<Out>::kValue, ldc, stride_c, batch,
+      compute, CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
+template <typename Out>
+__global__ void AddBiasKernel(Out* out, const float* bias, int OC, int64_t total) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = Store<Out>(Load(out[i]) + bias[i % OC]);
+  }
+}
+
+// ---- attention -----------------------------------------------------------------------------
+
+// One warp per row (b, h, t) of att, which holds scaled scores on entry: causal softmax in
+// place, zeros above the diagonal.
+template <typename Act>
+__global__ void CausalSoftmaxKernel(Act* att, int rows, int T) {
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;
+  const int t = row % T;
+  Act* a = att + static_cast<int64_t>(row) * T;
+  float maxval = -INFINITY;
+  for (int j = lane; j <= t; j += kWarp) maxval = fmaxf(maxval, Load(a[j]));
+  maxval = WarpMax(maxval);
+  float sum = 0.f;
+  for (int j = lane; j <= t; j += kWarp) sum += expf(Load(a[j]) - maxval);
+  const float inv = 1.0f / WarpSum(sum);
+  for (int j = lane; j < T; j += kWarp) {
+    a[j] = Store<Act>(j <= t ? expf(Load(a[j]) - maxval) * inv : 0.f);
+  }
+}
+
+// One warp per row: datt <- att * (datt - sum_j att_j datt_j) below the diagonal, 0 above.
+template <typename Act>
+__global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows, int T) {
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;
+  const int t = row % T;
+  const int64_t base = static_cast<int64_t>(row) * T;
+  float dot = 0.f;
+  for (int j = lane; j <= t; j += kWarp) dot += Load(att[base + j]) * Load(datt[base + j]);
+  dot = WarpSum(dot);
+  for (int j = lane; j < T; j += kWarp) {
+    datt[base + j] = Store<Act>(j <= t ? Load(att[base + j]) * (Load(datt[base + j]) - dot) : 0.f);
+  }
+}
+
+// ---- element-wise --------------------------------------------------------------------------
+
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
+
+template <typename Act>
+__global__ void GeluForwardKernel(Act* out, const Act* inp, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = Load(inp[i]);
+    const float cube = 0.044715f * x * x * x;
+    out[i] = Store<Act>(0.5f * x * (1.0f + tanhf(kGeluScale * (x + cube))));
+  }
+}
+
+template <typename Act>
+__global__ void GeluBackwardKernel(Act* dinp, const Act* inp, const Act* dout, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = Load(inp[i]);
+    const float cube = 0.044715f * x * x * x;
+    const float arg = kGeluScale * (x + cube);
+    const float th = tanhf(arg);
+    const float ch = coshf(arg);
+    const float sech2 = 1.0f / (ch * ch);
+    const float grad =
+        0.5f * (1.0f + th) + x * 0.5f * sech2 * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
+    dinp[i] = Store<Act>(Load(dinp[i]) + grad * Load(dout[i]));
+  }
+}
+
+template <typename Act>
+__global__ void ResidualForwardKernel(Act* out, const Act* a, const Act* b, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = Store<Act>(Load(a[i]) + Load(b[i]));
+  }
+}
+
+template <typename Act>
+__global__ void ResidualBackwardKernel(Act* da, Act* db, const Act* dout, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float d = Load(dout[i]);
+    da[i] = Store<Act>(Load(da[i]) + d);
+    db[i] = Store<Act>(Load(db[i]) + d);
+  }
+}
+
+// ---- softmax cross-entropy -----------------------------------------------------------------
+
+constexpr int kSoftmaxThreads = 512;
+
+__global__ void SoftmaxCrossEntropyKernel(float* probs, float* losses, const float* logits,
+                                          const int32_t* targets, int V, int Vp) {
+  __shared__ float shared[kWarp];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * Vp;
+  const float* x = logits + base;
+  float maxval = -INFINITY;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) maxval = fmaxf(maxval, x[j]);
+  maxval = BlockMax(maxval, shared);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(x[j] - maxval);
+  sum = BlockSum(sum, shared);
+  const float inv = 1.0f / sum;
+  float* p = probs + base;
+  for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
+    p[j] = j < V ? expf(x[j] - maxval) * inv : 0.f;
+  }
+  if (threadIdx.x == 0) {
+    const int target = targets[blockIdx.x];
+    losses[blockIdx.x] = -logf(expf(x[target] - maxval) * inv);
+  }
+}
+
+template <typename Act>
+__global__ void SoftmaxCrossEntropyBackwardKernel(Act* dlogits, const float* probs,
+                                                  const int32_t* targets, float scale, int V,
+                                                  int Vp, int64_t total) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / Vp;
+    const int j = static_cast<int>(i % Vp);
+    float d = 0.f;
+    if (j < V) d = (probs[i] - (j == targets[n] ? 1.0f : 0.0f)) * scale;
+    dlogits[i] = Store<Act>(d);
+  }
+}
+
+// ---- global sums ---------------------------------------------------------------------------
+
+// A fixed grid (not derived from the GPU) so that the summation order, hence the result, is
+// the same on every GPU.
+constexpr int kSumBlocks = 1024;
+constexpr int kSumThreads = 256;
+
+template <bool kSquare>
+__global__ void SumPartialKernel(double* partial, const float* x, int64_t n) {
+  __shared__ double shared[kWarp];
+  double acc = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double v = x[i];
+    acc += kSquare ? v * v : v;
+  }
+  acc = BlockSum(acc, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void SumFinishKernel(double* out, const double* partial, int count) {
+  __shared__ double shared[kWarp];
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+  acc = BlockSum(acc, shared);
+  if (threadIdx.x == 0) *out = acc;
+}
+
+template <bool kSquare>
+absl::StatusOr<double> GlobalSum(CudaContext& ctx, const char* op, const float* x, int64_t n) {
+  if (n < 0) return absl::InvalidArgumentError(absl::StrFormat("%s: negative length", op));
+  if (n == 0) return 0.0;
+  ScratchArena arena(ctx);
+  double* partial = nullptr;
+  double* result = nullptr;
+  RETURN_IF_ERROR(arena.Take(op, kSumBlocks, &partial));
+  RETURN_IF_ERROR(arena.Take(op, 1, &result));
+  SumPartialKernel<kSquare><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(partial, x, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  SumFinishKernel<<<1, 1024, 0, ctx.stream()>>>(result, partial, kSumBlocks);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  double host = 0.0;
+  CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(&host, result, sizeof(double), cudaMemcpyDeviceToHost, ctx.stream()));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx.stream()));
+  return host;
+}
+
+// ---- AdamW ---------------------------------------------------------------------------------
+
+__global__ void AdamWKernel(float* params, const float* grads, float* m, float* v,
+                            const uint8_t* decay_mask, int64_t n, float lr, float beta1,
+                            float beta2, float eps, float weight_decay, float grad_scale,
+                            float bias_correction1, float bias_correction2) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = grads[i] * grad_scale;
+    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float m_hat = mi / bias_correction1;
+    const float v_hat = vi / bias_correction2;
+    const float wd = (decay_mask == nullptr || decay_mask[i] != 0) ? weight_decay : 0.0f;
+    params[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + wd * params[i]);
+  }
+}
+
+template <typename Src, typename Dst>
+__global__ void CastKernel(Dst* dst, const Src* src, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = Store<Dst>(Load(src[i]));
+  }
+}
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / kWarp;  // one warp per row
+
+}  // namespace
+
+// ---- public operations ---------------------------------------------------------------------
+
+template <typename Act>
+absl::Status EncoderForward(CudaContext& ctx, Act* out, const int32_t* inp, const float* wte,
+                            const float* wpe, int B, int T, int C) {
+  RETURN_IF_ERROR(CheckPositive("EncoderForward", {B, T, C}));
+  const int64_t total = static_cast<int64_t>(B) * T * C;
+  EncoderForwardKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(
+      out, inp, wte, wpe, T, C, total);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status EncoderBackward(CudaContext& ctx, float* dwte, float* dwpe, const Act* dout,
+                             const int32_t* inp, int B, int T, int C, int Vp) {
+  RETURN_IF_ERROR(CheckPositive("EncoderBackward", {B, T, C, Vp}));
+  const int N = B * T;
+  PositionGradKernel<<<static_cast<unsigned int>(CeilDiv(static_cast<int64_t>(T) * C, kThreads)),
+                       kThreads, 0, ctx.stream()>>>(dwpe, dout, B, T, C);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+
+  // Stable radix sort of (token id, position): equal tokens end up adjacent, in position
+  // order, whatever the GPU.
+  int end_bit = 1;
+  while (end_bit < 31 && (int64_t{1} << end_bit) < Vp) ++end_bit;
+  ScratchArena arena(ctx);
+  int32_t* positions = nullptr;
+  int32_t* sorted_tokens = nullptr;
+  int32_t* sorted_positions = nullptr;
+  RETURN_IF_ERROR(arena.Take("EncoderBackward", N, &positions));
+  RETURN_IF_ERROR(arena.Take("EncoderBackward", N, &sorted_tokens));
+  RETURN_IF_ERROR(arena.Take("EncoderBackward", N, &sorted_positions));
+  size_t temp_bytes = 0;
+  CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, inp, sorted_tokens,
+                                                       positions, sorted_positions, N, 0, end_bit,
+                                                       ctx.stream()));
+  char* temp = nullptr;
+  RETURN_IF_ERROR(arena.Take("EncoderBackward", static_cast<int64_t>(temp_bytes), &temp));
+  IotaKernel<<<static_cast<unsigned int>(CeilDiv(N, kThreads)), kThreads, 0, ctx.stream()>>>(
+      positions, N);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, inp, sorted_tokens,
+                                                       positions, sorted_positions, N, 0, end_bit,
+                                                       ctx.stream()));
+  const int threads = C < kThreads ? static_cast<int>(CeilDiv(C, kWarp)) * kWarp : kThreads;
+  const dim3 grid(N, static_cast<unsigned int>(CeilDiv(C, threads)));
+  TokenGradKernel<<<grid, threads, 0, ctx.stream()>>>(dwte, dout, sorted_tokens, sorted_positions,
+                                                      N, C);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status LayerNormForward(CudaContext& ctx, Act* out, float* mean, float* rstd, const Act* inp,
+                              const float* weight, const float* bias, int N, int C) {
+  RETURN_IF_ERROR(CheckPositive("LayerNormForward", {N, C}));
+  LayerNormForwardKernel<<<static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock)), kThreads, 0,
+                           ctx.stream()>>>(out, mean, rstd, inp, weight, bias, N, C);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
+                               const Act* dout, const Act* inp, const float* weight,
+                               const float* mean, const float* rstd, int N, int C) {
+  RETURN_IF_ERROR(CheckPositive("LayerNormBackward", {N, C}));
+  LayerNormBackwardInputKernel<<<static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock)), kThreads, 0,
+                                 ctx.stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return ColumnReduce(ctx, "LayerNormBackward", LayerNormParamGrads<Act>{dout, inp, mean, rstd, C},
+                      dweight, dbias, N, C);
+}
+
+template <typename In, typename Out>
+absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* weight,
+                           const float* bias, int N, int C, int OC) {
+  RETURN_IF_ERROR(CheckPositive("MatmulForward", {N, C, OC}));
+  // Row-major out[N,OC] is column-major out^T[OC,N] = weight * inp^T.
+  RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, weight, C, 0, inp, C, 0, 0.0f,
+                       out, OC, 0, 1));
+  if (bias != nullptr) {
+    const int64_t total = static_cast<int64_t>(N) * OC;
+    AddBiasKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(out, bias, OC,
+                                                                                     total);
+    CUDA_RETURN_IF_LAUNCH_ERROR();
+  }
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
+                            const Act* dout, const Act* inp, const Act* weight, int N, int C,
+                            int OC) {
+  RETURN_IF_ERROR(CheckPositive("MatmulBackward", {N, C, OC}));
+  if (dinp != nullptr) {
+    // dinp^T[C,N] += weight^T * dout^T.
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, weight, C, 0, dout, OC, 0,
+                         1.0f, dinp, C, 0, 1));
+  }
+  // dweight^T[C,OC] += inp^T * dout (fp32 accumulation buffer).
+  RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, inp, C, 0, dout, OC, 0, 1.0f,
+                       dweight, C, 0, 1));
+  if (dbias != nullptr) {
+    RETURN_IF_ERROR(
+        ColumnReduce(ctx, "MatmulBackward", RowSumOf<Act>{dout, OC}, dbias, nullptr, N, OC));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
+                              int C, int NH) {
+  RETURN_IF_ERROR(CheckPositive("AttentionForward", {B, T, C, NH}));
+  if (C % NH != 0) {
+    return absl::InvalidArgumentError("AttentionForward: C must be a multiple of NH");
+  }
+  const int hs = C / NH;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
+  const int64_t tt = static_cast<int64_t>(T) * T;
+  for (int b = 0; b < B; ++b) {
+    const Act* q = inp + static_cast<int64_t>(b) * T * 3 * C;
+    const Act* k = q + C;
+    Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
+    // Per head: row-major scores[T,T] = q k^T is column-major scores^T = k q^T.
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, scale, k, 3 * C, hs, q, 3 * C, hs,
+                         0.0f, att_b, T, tt, NH));
+  }
+  const int rows = B * NH * T;
+  CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
+                        ctx.stream()>>>(att, rows, T);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  for (int b = 0; b < B; ++b) {
+    const Act* v = inp + static_cast<int64_t>(b) * T * 3 * C + 2 * C;
+    const Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
+    Act* out_b = out + static_cast<int64_t>(b) * T * C;
+    // Per head: row-major out[T,hs] = att v is column-major out^T = v^T att^T.
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, v, 3 * C, hs, att_b, T, tt,
+                         0.0f, out_b, C, hs, NH));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
+                               const Act* inp, const Act* att, int B, int T, int C, int NH) {
+  RETURN_IF_ERROR(CheckPositive("AttentionBackward", {B, T, C, NH}));
+  if (C % NH != 0) {
+    return absl::InvalidArgumentError("AttentionBackward: C must be a multiple of NH");
+  }
+  const int hs = C / NH;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
+  const int64_t tt = static_cast<int64_t>(T) * T;
+  for (int b = 0; b < B; ++b) {
+    const int64_t qkv_offset = static_cast<int64_t>(b) * T * 3 * C;
+    const Act* v = inp + qkv_offset + 2 * C;
+    const Act* dout_b = dout + static_cast<int64_t>(b) * T * C;
+    const Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
+    Act* datt_b = datt + static_cast<int64_t>(b) * NH * tt;
+    Act* dv = dinp + qkv_offset + 2 * C;
+    // datt[T,T] = dout v^T  (column-major: datt^T = v dout^T).
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, 1.0f, v, 3 * C, hs, dout_b, C, hs,
+                         0.0f, datt_b, T, tt, NH));
+    // dv[T,hs] += att^T dout  (column-major: dv^T += dout^T att).
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, dout_b, C, hs, att_b, T, tt,
+                         1.0f, dv, 3 * C, hs, NH));
+  }
+  const int rows = B * NH * T;
+  CausalSoftmaxBackwardKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads,
+                                0, ctx.stream()>>>(datt, att, rows, T);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  for (int b = 0; b < B; ++b) {
+    const int64_t qkv_offset = static_cast<int64_t>(b) * T * 3 * C;
+    const Act* q = inp + qkv_offset;
+    const Act* k = inp + qkv_offset + C;
+    const Act* dpre_b = datt + static_cast<int64_t>(b) * NH * tt;
+    Act* dq = dinp + qkv_offset;
+    Act* dk = dinp + qkv_offset + C;
+    // dq[T,hs] += scale * dpre k  (column-major: dq^T += k^T dpre^T).
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, scale, k, 3 * C, hs, dpre_b, T,
+                         tt, 1.0f, dq, 3 * C, hs, NH));
+    // dk[T,hs] += scale * dpre^T q  (column-major: dk^T += q^T dpre).
+    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, scale, q, 3 * C, hs, dpre_b, T,
+                         tt, 1.0f, dk, 3 * C, hs, NH));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  GeluForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, inp, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  GeluBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp, dout,
+                                                                                    n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  ResidualForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, a, b,
+                                                                                       n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dout, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  ResidualBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(da, db,
+                                                                                        dout, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status SoftmaxCrossEntropyForward(CudaContext& ctx, float* probs, float* losses,
+                                        const float* logits, const int32_t* targets, int N, int V,
+                                        int Vp) {
+  RETURN_IF_ERROR(CheckPositive("SoftmaxCrossEntropyForward", {N, V, Vp}));
+  if (V > Vp) return absl::InvalidArgumentError("SoftmaxCrossEntropyForward: V > Vp");
+  SoftmaxCrossEntropyKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(probs, losses, logits, targets,
+                                                                     V, Vp);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status SoftmaxCrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* probs,
+                                         const int32_t* targets, float dloss_scale, int N, int V,
+                                         int Vp) {
+  RETURN_IF_ERROR(CheckPositive("SoftmaxCrossEntropyBackward", {N, V, Vp}));
+  if (V > Vp) return absl::InvalidArgumentError("SoftmaxCrossEntropyBackward: V > Vp");
+  const int64_t total = static_cast<int64_t>(N) * Vp;
+  SoftmaxCrossEntropyBackwardKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0,
+                                      ctx.stream()>>>(dlogits, probs, targets, dloss_scale, V, Vp,
+                                                      total);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> SumOfSquares(CudaContext& ctx, const float* x, int64_t n) {
+  return GlobalSum<true>(ctx, "SumOfSquares", x, n);
+}
+
+absl::StatusOr<double> Sum(CudaContext& ctx, const float* x, int64_t n) {
+  return GlobalSum<false>(ctx, "Sum", x, n);
+}
+
+absl::Status AdamWUpdate(CudaContext& ctx, float* params, const float* grads, float* m, float* v,
+                         const uint8_t* decay_mask, int64_t n, const AdamWParams& p) {
+  if (n <= 0) return absl::OkStatus();
+  if (p.t < 1) return absl::InvalidArgumentError("AdamWUpdate: step count t must be >= 1");
+  const float bias_correction1 = 1.0f - std::pow(p.beta1, static_cast<float>(p.t));
+  const float bias_correction2 = 1.0f - std::pow(p.beta2, static_cast<float>(p.t));
+  AdamWKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(
+      params, grads, m, v, decay_mask, n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay,
+      p.grad_scale, bias_correction1, bias_correction2);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status CastToBf16(CudaContext& ctx, bf16* dst, const float* src, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  CastKernel<float, bf16>
+      <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  CastKernel<bf16, float>
+      <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+// ---- explicit instantiations ---------------------------------------------------------------
+
+#define SPOTRAIN_INSTANTIATE_ACT(Act)                                                              \
+  template absl::Status EncoderForward<Act>(CudaContext&, Act*, const int32_t*, const float*,      \
+                                            const float*, int, int, int);                          \
+  template absl::Status EncoderBackward<Act>(CudaContext&, float*, float*, const Act*,             \
+                                             const int32_t*, int, int, int, int);                  \
+  template absl::Status LayerNormForward<Act>(CudaContext&, Act*, float*, float*, const Act*,      \
+                                              const float*, const float*, int, int);               \
+  template absl::Status LayerNormBackward<Act>(CudaContext&, Act*, float*, float*, const Act*,     \
+                                               const Act*, const float*, const float*,             \
+                                               const float*, int, int);                            \
+  template absl::Status MatmulForward<Act, Act>(CudaContext&, Act*, const Act*, const Act*,        \
+                                                const float*, int, int, int);                      \
+  template absl::Status MatmulBackward<Act>(CudaContext&, Act*, float*, float*, const Act*,        \
+                                            const Act*, const Act*, int, int, int);                \
+  template absl::Status AttentionForward<Act>(CudaContext&, Act*, Act*, const Act*, int, int, int, \
+                                              int);                                                \
+  template absl::Status AttentionBackward<Act>(CudaContext&, Act*, Act*, const Act*, const Act*,   \
+                                               const Act*, int, int, int, int);                    \
+  template absl::Status GeluForward<Act>(CudaContext&, Act*, const Act*, int64_t);                 \
+  template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t);    \
+  template absl::Status ResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t); \
+  template absl::Status ResidualBackward<Act>(CudaContext&, Act*, Act*, const Act*, int64_t);      \
+  template absl::Status SoftmaxCrossEntropyBackward<Act>(CudaContext&, Act*, const float*,         \
+                                                         const int32_t*, float, int, int, int);
+
+SPOTRAIN_INSTANTIATE_ACT(float)
+SPOTRAIN_INSTANTIATE_ACT(bf16)
+template absl::Status MatmulForward<bf16, float>(CudaContext&, float*, const bf16*, const bf16*,
+                                                 const float*, int, int, int);
+
+#undef SPOTRAIN_INSTANTIATE_ACT
+
+}  // namespace spotrain::kernels::cuda

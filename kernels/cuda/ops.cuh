@@ -1,0 +1,143 @@
+// CUDA kernels of the GPT-2 style decoder, forward and backward, and the AdamW update: the
+// same operations, shapes and conventions as the CPU reference kernels/cpu/ops.h, which
+// they are tested against (tests/gpu/). Read that header first; in short: B batch, T
+// sequence length, C channels, NH heads, V vocab, Vp padded vocab, N = B*T rows, row-major
+// activations [N, C], linear weights [OC, C] with out = inp * weight^T + bias. Backward
+// kernels ACCUMULATE (+=) into parameter gradients and into activation gradients exactly
+// where the CPU ones do (the caller zeroes gradient buffers); SoftmaxCrossEntropyBackward
+// and the attention scratch `datt` are overwritten.
+//
+// All pointers are device pointers. Every function enqueues work on ctx.stream() and
+// returns without waiting, except SumOfSquares and Sum, which return a host value and so
+// synchronise the stream. Errors come back as absl::Status (bad shapes: kInvalidArgument;
+// scratch too small: kResourceExhausted; CUDA or cuBLAS failures: see cuda_status.h);
+// errors of kernels that fail while running surface at the next synchronising call.
+//
+// Precision. Activations are `Act` = float or bf16 (__nv_bfloat16); every kernel computes in
+// fp32 and rounds once when it stores a bf16 value. Parameters read by non-matrix kernels
+// (embeddings, LayerNorm weights, biases) and all parameter gradients are fp32 (the flat fp32
+// buffers of DESIGN.md section 7); matrix products take both inputs in the activation type
+// (the bf16 model casts its fp32 master weights once per step) and accumulate in fp32 in
+// cuBLAS (CUBLAS_COMPUTE_32F; TF32 only for fp32 inputs when ctx.use_tf32()).
+//
+// Determinism. No kernel here uses atomics: column reductions (bias and LayerNorm weight
+// gradients, position embedding gradients) and the token embedding gradient (a stable sort
+// by token id, then one ordered sum per token) run in a fixed order that depends only on the
+// shapes, so a computation repeated on the same GPU model gives identical bits. cuBLAS is
+// deterministic for a fixed GPU model, library version and workspace, with atomics
+// disallowed in deterministic mode (kernels/cuda/context.h).
+//
+// Thread-safety: as CudaContext: one thread per context; the kernels of one context share
+// its scratch memory in stream order.
+#ifndef SPOTRAIN_KERNELS_CUDA_OPS_CUH_
+#define SPOTRAIN_KERNELS_CUDA_OPS_CUH_
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cuda/context.h"
+
+namespace spotrain::kernels::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]. inp values must lie in [0, rows of wte).
+template <typename Act>
+absl::Status EncoderForward(CudaContext& ctx, Act* out, const int32_t* inp, const float* wte,
+                            const float* wpe, int B, int T, int C);
+// dwte[inp[b,t],:] += dout[b,t,:] (summed in (b,t) order per token); dwpe[t,:] += sum over b.
+// `Vp` (rows of dwte) bounds the token ids and sizes the sort.
+template <typename Act>
+absl::Status EncoderBackward(CudaContext& ctx, float* dwte, float* dwpe, const Act* dout,
+                             const int32_t* inp, int B, int T, int C, int Vp);
+
+// Row-wise LayerNorm over C with eps 1e-5; saves mean and 1/std per row (fp32) for backward.
+template <typename Act>
+absl::Status LayerNormForward(CudaContext& ctx, Act* out, float* mean, float* rstd, const Act* inp,
+                              const float* weight, const float* bias, int N, int C);
+// dinp += ...; dweight += ...; dbias += ...
+template <typename Act>
+absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
+                               const Act* dout, const Act* inp, const float* weight,
+                               const float* mean, const float* rstd, int N, int C);
+
+// out[N,OC] = inp[N,C] * weight[OC,C]^T + bias[OC] (bias may be null). Instantiated for
+// <float, float>, <bf16, bf16> and <bf16, float> (bf16 products with an fp32 result, used
+// for the logits).
+template <typename In, typename Out>
+absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* weight,
+                           const float* bias, int N, int C, int OC);
+// dinp[N,C] += dout*weight; dweight[OC,C] += dout^T*inp; dbias[OC] += sum of dout rows.
+// dinp and dbias may be null (skipped).
+template <typename Act>
+absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
+                            const Act* dout, const Act* inp, const Act* weight, int N, int C,
+                            int OC);
+
+// Causal multi-head self-attention; inp is the fused qkv [B,T,3C], out [B,T,C], att
+// [B,NH,T,T] the softmax probabilities (0 above the diagonal), saved for backward.
+template <typename Act>
+absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
+                              int C, int NH);
+// dinp[B,T,3C] += ...; datt [B,NH,T,T] is scratch the kernel overwrites.
+template <typename Act>
+absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
+                               const Act* inp, const Act* att, int B, int T, int C, int NH);
+
+// GELU, tanh approximation.
+template <typename Act>
+absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n);
+// dinp += gelu'(inp) * dout.
+template <typename Act>
+absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n);
+
+// out = a + b.
+template <typename Act>
+absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b, int64_t n);
+// da += dout; db += dout.
+template <typename Act>
+absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dout, int64_t n);
+
+// Softmax over the first V of Vp fp32 logits per row, then cross-entropy against targets.
+// probs [N,Vp] (padded columns 0), losses [N]. Targets must lie in [0, V).
+absl::Status SoftmaxCrossEntropyForward(CudaContext& ctx, float* probs, float* losses,
+                                        const float* logits, const int32_t* targets, int N, int V,
+                                        int Vp);
+// dlogits[N,Vp] = (probs - onehot(target)) * dloss_scale (overwritten, padded columns 0).
+template <typename Act>
+absl::Status SoftmaxCrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* probs,
+                                         const int32_t* targets, float dloss_scale, int N, int V,
+                                         int Vp);
+
+// Sum of squares of x in double, in a fixed order that does not depend on the GPU (a fixed
+// grid of partial sums, then one ordered final sum: no atomics). Synchronises the stream.
+absl::StatusOr<double> SumOfSquares(CudaContext& ctx, const float* x, int64_t n);
+// Plain sum of x, same order and guarantees (used for the mean loss).
+absl::StatusOr<double> Sum(CudaContext& ctx, const float* x, int64_t n);
+
+struct AdamWParams {
+  float lr;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay;  // applied only where decay_mask is non-zero (or everywhere if null)
+  float grad_scale;    // grads are multiplied by this first (gradient clipping)
+  int64_t t;           // 1-based step count for bias correction
+};
+// One AdamW step (decoupled weight decay) over n parameters, in place; the same arithmetic,
+// in the same order, as kernels/cpu AdamWUpdate. decay_mask is a device array or null.
+absl::Status AdamWUpdate(CudaContext& ctx, float* params, const float* grads, float* m, float* v,
+                         const uint8_t* decay_mask, int64_t n, const AdamWParams& p);
+
+// dst[i] = src[i] rounded to bf16 (round to nearest even): the bf16 working copy of fp32
+// master weights.
+absl::Status CastToBf16(CudaContext& ctx, bf16* dst, const float* src, int64_t n);
+// dst[i] = float(src[i]).
+absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t n);
+
+}  // namespace spotrain::kernels::cuda
+
+#endif  // SPOTRAIN_KERNELS_CUDA_OPS_CUH_
