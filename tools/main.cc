@@ -4,8 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
+#include "common/flags.h"
 #include "tools/command.h"
 
 namespace spotrain::tools {
@@ -44,11 +43,19 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string program = std::string("spotrain ") + argv[1];
-  absl::SetProgramUsageMessage(std::string(it->second.summary) + "\nusage: " + program +
-                               " [flags] [args]");
+  std::string name = argv[1];
+  for (char& c : name) {
+    if (c == '-') c = '_';
+  }
   std::vector<char*> args;
   args.push_back(program.data());
   for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
-  std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  // --help lists the flags defined in tools/<name>.cc (dashes in names become underscores).
+  std::vector<std::string> positional = spotrain::common::ParseFlags(
+      static_cast<int>(args.size()), args.data(),
+      std::string(it->second.summary) + "\nusage: " + program + " [flags] [args]",
+      "tools/" + name + ".cc");
+  std::vector<char*> rest;
+  for (std::string& s : positional) rest.push_back(s.data());
   return it->second.run(static_cast<int>(rest.size()), rest.data());
 }
