@@ -397,30 +397,34 @@ __global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows,
 
 // ---- element-wise --------------------------------------------------------------------------
 
+// GELU (tanh approximation) in the CPU reference's form: x * sigmoid(2u) with
+// u = sqrt(2/pi) (x + 0.044715 x^3), equal to 0.5 x (1 + tanh(u)) without its cancellation.
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluCube = 0.044715f;
+
+__device__ __forceinline__ float GeluSigmoid(float x) {
+  const float u = kGeluScale * (x + kGeluCube * x * x * x);
+  return 1.0f / (1.0f + expf(-2.0f * u));
+}
 
 template <typename Act>
 __global__ void GeluForwardKernel(Act* out, const Act* inp, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = Load(inp[i]);
-    const float cube = 0.044715f * x * x * x;
-    out[i] = Store<Act>(0.5f * x * (1.0f + tanhf(kGeluScale * (x + cube))));
+    out[i] = Store<Act>(x * GeluSigmoid(x));
   }
 }
 
+// d/dx [x s(2u)] = s + 2 x s (1 - s) u'(x).
 template <typename Act>
 __global__ void GeluBackwardKernel(Act* dinp, const Act* inp, const Act* dout, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = Load(inp[i]);
-    const float cube = 0.044715f * x * x * x;
-    const float arg = kGeluScale * (x + cube);
-    const float th = tanhf(arg);
-    const float ch = coshf(arg);
-    const float sech2 = 1.0f / (ch * ch);
-    const float grad =
-        0.5f * (1.0f + th) + x * 0.5f * sech2 * kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
+    const float s = GeluSigmoid(x);
+    const float du = kGeluScale * (1.0f + 3.0f * kGeluCube * x * x);
+    const float grad = s + 2.0f * x * s * (1.0f - s) * du;
     dinp[i] = Store<Act>(Load(dinp[i]) + grad * Load(dout[i]));
   }
 }
@@ -464,8 +468,8 @@ __global__ void SoftmaxCrossEntropyKernel(float* probs, float* losses, const flo
     p[j] = j < V ? expf(x[j] - maxval) * inv : 0.f;
   }
   if (threadIdx.x == 0) {
-    const int target = targets[blockIdx.x];
-    losses[blockIdx.x] = -logf(expf(x[target] - maxval) * inv);
+    // -log softmax[target] without forming the (possibly tiny) probability, as the CPU.
+    losses[blockIdx.x] = logf(sum) - (x[targets[blockIdx.x]] - maxval);
   }
 }
 
@@ -533,21 +537,26 @@ absl::StatusOr<double> GlobalSum(CudaContext& ctx, const char* op, const float* 
 
 // ---- AdamW ---------------------------------------------------------------------------------
 
+// The CPU reference's arithmetic in its order, with explicit round-to-nearest intrinsics
+// so that nvcc does not contract it into FMAs (the CPU build has no FMA either): with
+// IEEE division and square root (nvcc's defaults) the result matches it bit for bit.
 __global__ void AdamWKernel(float* params, const float* grads, float* m, float* v,
                             const uint8_t* decay_mask, int64_t n, float lr, float beta1,
-                            float beta2, float eps, float weight_decay, float grad_scale,
-                            float bias_correction1, float bias_correction2) {
+                            float beta2, float eps, float weight_decay, float grad_scale, float c1,
+                            float c2) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = grads[i] * grad_scale;
-    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    const float g = __fmul_rn(grads[i], grad_scale);
+    const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(1.0f - beta1, g));
+    const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(1.0f - beta2, __fmul_rn(g, g)));
     m[i] = mi;
     v[i] = vi;
-    const float m_hat = mi / bias_correction1;
-    const float v_hat = vi / bias_correction2;
-    const float wd = (decay_mask == nullptr || decay_mask[i] != 0) ? weight_decay : 0.0f;
-    params[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + wd * params[i]);
+    const float decay = (decay_mask == nullptr || decay_mask[i] != 0) ? weight_decay : 0.0f;
+    const float p = params[i];
+    const float step =
+        __fadd_rn(__fdiv_rn(__fmul_rn(mi, c1), __fadd_rn(__fsqrt_rn(__fmul_rn(vi, c2)), eps)),
+                  __fmul_rn(decay, p));
+    params[i] = __fsub_rn(p, __fmul_rn(lr, step));
   }
 }
 
@@ -825,11 +834,12 @@ absl::Status AdamWUpdate(CudaContext& ctx, float* params, const float* grads, fl
                          const uint8_t* decay_mask, int64_t n, const AdamWParams& p) {
   if (n <= 0) return absl::OkStatus();
   if (p.t < 1) return absl::InvalidArgumentError("AdamWUpdate: step count t must be >= 1");
-  const float bias_correction1 = 1.0f - std::pow(p.beta1, static_cast<float>(p.t));
-  const float bias_correction2 = 1.0f - std::pow(p.beta2, static_cast<float>(p.t));
+  // Reciprocal bias corrections computed in double and rounded once, as the CPU does.
+  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta1), p.t)));
+  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta2), p.t)));
   AdamWKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(
       params, grads, m, v, decay_mask, n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay,
-      p.grad_scale, bias_correction1, bias_correction2);
+      p.grad_scale, c1, c2);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
