@@ -1,0 +1,101 @@
+// The Gloo (CPU, TCP) implementation of Communicator: one Gloo context per epoch, built by a
+// rendezvous over the coordinator's key-value service under the epoch's key prefix
+// (worker/rendezvous_store.h). Every Gloo exception is caught inside this module and
+// returned as a Status (worker/communicator.h lists the codes).
+//
+// Threading: CreateGlooCommunicator blocks the calling thread for the rendezvous; the
+// returned communicator follows the Communicator contract (one owner thread for the
+// operations, Abort() from any thread).
+//
+// Process-wide side effect: Gloo writes to its sockets without MSG_NOSIGNAL, so a write to
+// a connection that a dead peer closed raises SIGPIPE, which by default kills the process.
+// The first multi-rank CreateGlooCommunicator therefore sets SIGPIPE to "ignore" when it
+// still has its default action (a handler the program installed is left alone; it must
+// then not terminate the process). The worker's main may also do this itself at start-up.
+//
+// Failure behaviour (measured on loopback with libgloo 2022-05):
+//   - A peer killed or whose communicator is destroyed: its sockets close, and the other
+//     ranks' current or next operation fails with kUnavailable within milliseconds.
+//   - A peer that stays connected but silent (SIGSTOP, a hung process): kUnavailable with
+//     "timed out" after op_timeout (per chunk of a large all-reduce).
+//   - When an operation fails on this rank, the communicator closes all of its connections
+//     at once, so that ranks not adjacent to the failure (in Gloo's ring) also fail fast
+//     instead of waiting for their own timeout.
+//
+// What Abort() can and cannot do:
+//   - It makes the communicator's status kAborted, so every later operation returns at once.
+//   - It puts the Gloo TCP context into the state Gloo itself uses after an application
+//     timeout (gloo::transport::tcp::Context::signalException): every connection is closed
+//     and every send/receive posted on a connection gets an exception, so an operation
+//     blocked waiting for a peer (for example one that never arrives) returns kAborted
+//     within milliseconds, and the peers see the connections close (kUnavailable). It also
+//     releases waits on this communicator's own user buffers.
+//   - It cannot interrupt the local reduction of the segment in progress (bounded by one
+//     1 MiB segment), nor a receive into Gloo's internal ring scratch buffer whose data had
+//     already started to arrive when Abort() ran (Gloo tracks that buffer in no pending
+//     list): such an operation returns when op_timeout expires, still with kAborted.
+//   - It does not interrupt CreateGlooCommunicator (no communicator exists yet): use
+//     GlooOptions::cancelled for the rendezvous phase; the TCP connect phase is bounded by
+//     connect_timeout.
+//   The signalException hook is not part of Gloo's public headers in this version (the
+//   header that declares it does not compile outside Gloo's tree), so it is bound by its
+//   exported symbol name and used only after checking that the context's dynamic type is
+//   gloo::transport::tcp::Context; for any other transport Abort() falls back to
+//   gloo::Context::closeConnections(), which fails the peers fast but leaves a blocked
+//   local operation to its op_timeout.
+#ifndef SPOTRAIN_WORKER_GLOO_COMMUNICATOR_H_
+#define SPOTRAIN_WORKER_GLOO_COMMUNICATOR_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/communicator.h"
+#include "worker/rendezvous_store.h"
+
+namespace spotrain::worker {
+
+struct GlooOptions {
+  // The address this rank binds its sockets to and advertises to its peers (an IP address
+  // or a host name that resolves to one of this host's addresses), e.g. "127.0.0.1".
+  std::string interface_host = "127.0.0.1";
+  // Bound on the rendezvous (waiting for every peer's address in the key-value store) and,
+  // separately, on the TCP connection set-up that follows it.
+  absl::Duration connect_timeout = absl::Seconds(60);
+  // A collective that makes no progress for this long fails with kUnavailable ("timed
+  // out"). Applies per Gloo call, i.e. per chunk of a large buffer.
+  absl::Duration op_timeout = absl::Seconds(60);
+  // Large all-reduces and broadcasts are issued as Gloo calls of at most this many bytes
+  // (rounded down to whole elements), so that memory and per-call time stay bounded and
+  // Abort() is checked between chunks.
+  int64_t max_chunk_bytes = int64_t{64} << 20;
+  // Optional: polled (from the creating thread) while the rendezvous waits for peers;
+  // returning true makes CreateGlooCommunicator fail with kAborted. E.g. "a newer Prepare
+  // arrived".
+  std::function<bool()> cancelled;
+};
+
+// Builds the communicator of rank `rank` in a group of `world_size` ranks for `epoch`:
+// every rank of the epoch calls this with the same epoch, world size and key-value
+// service, and its own rank. Blocks until all ranks are connected. World size 1 needs no
+// peers and no networking (the key-value service is not used).
+//
+// Each (epoch, rank) must be created at most once on a key-value service: the rendezvous
+// keys of a failed attempt stay, so a retry needs a new epoch.
+//
+// Errors: kInvalidArgument for bad arguments or an interface_host that cannot be bound;
+// kUnavailable when a peer never arrived or could not be connected (the message says
+// "timed out" after connect_timeout); kAborted when the key-value service reports the
+// epoch as stale or `cancelled` returned true; other codes as the key-value service
+// returned them.
+absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(KeyValueClient& kv,
+                                                                     int64_t epoch, int rank,
+                                                                     int world_size,
+                                                                     const GlooOptions& options);
+
+}  // namespace spotrain::worker
+
+#endif  // SPOTRAIN_WORKER_GLOO_COMMUNICATOR_H_
