@@ -1,0 +1,485 @@
+// kernels/cuda against the CPU reference kernels/cpu on fresh random inputs (fixed seeds,
+// never zeros), fp32 and bf16, plus determinism (same inputs twice -> same bits) and error
+// handling. Every test skips without a usable GPU.
+#include "kernels/cpu/ops.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda/context.h"
+#include "kernels/cuda/ops.cuh"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace spotrain::kernels {
+namespace {
+
+using testing_gpu::BitIdentical;
+using testing_gpu::DeviceBuffer;
+using testing_gpu::ExpectAllClose;
+using testing_gpu::FromBf16Bits;
+using testing_gpu::RandomTokens;
+using testing_gpu::RandomVector;
+using testing_gpu::RoundToBf16;
+using testing_gpu::ToBf16Bits;
+using Bf16Buffer = DeviceBuffer<uint16_t>;
+
+// fp32 results of different summation orders (GPU trees vs CPU loops, cuBLAS vs OpenBLAS).
+constexpr float kAtol32 = 1e-5f;
+constexpr float kRtol32 = 1e-4f;
+// bf16 outputs: one rounding to 8 significant bits (relative 2^-9) plus fp32 differences.
+constexpr float kAtol16 = 2e-3f;
+constexpr float kRtol16 = 1.6e-2f;
+
+cuda::bf16* AsBf16(const Bf16Buffer& b) { return reinterpret_cast<cuda::bf16*>(b.get()); }
+
+std::vector<float> Download16(const Bf16Buffer& b) { return FromBf16Bits(b.Download()); }
+
+// The GPU-side mirror of "+=": CPU and GPU accumulate into the same random starting values.
+class GpuOpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SPOTRAIN_SKIP_WITHOUT_GPU();
+    cuda::CudaContextOptions options;
+    options.deterministic = true;
+    auto ctx = cuda::CudaContext::Create(options);
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
+    ctx_ = std::move(ctx).value();
+  }
+  cuda::CudaContext& ctx() { return *ctx_; }
+
+  cpu::CpuContext cpu_{4};
+  std::unique_ptr<cuda::CudaContext> ctx_;
+};
+
+// Runs without a GPU too: the capability check must answer, never crash.
+TEST(GpuCapabilityTest, DeviceCountAnswersWithoutCrashing) {
+  auto count = cuda::CudaDeviceCount();
+  if (!count.ok()) {
+    EXPECT_EQ(count.status().code(), absl::StatusCode::kFailedPrecondition) << count.status();
+    EXPECT_FALSE(count.status().message().empty());
+    return;
+  }
+  EXPECT_GE(*count, 0);
+  if (*count > 0) {
+    auto desc = cuda::CudaDeviceDescription(0);
+    ASSERT_TRUE(desc.ok()) << desc.status();
+    EXPECT_NE(desc->find("SMs"), std::string::npos) << *desc;
+    std::printf("device 0: %s\n", desc->c_str());
+  }
+  EXPECT_EQ(cuda::CudaDeviceDescription(-1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GpuCapabilityTest, ContextCreationFailsCleanlyWithoutGpu) {
+  auto count = cuda::CudaDeviceCount();
+  if (count.ok() && *count > 0) GTEST_SKIP() << "a GPU is present; nothing to check";
+  auto ctx = cuda::CudaContext::Create({});
+  ASSERT_FALSE(ctx.ok());
+  EXPECT_EQ(ctx.status().code(), absl::StatusCode::kFailedPrecondition) << ctx.status();
+}
+
+TEST_F(GpuOpsTest, EncoderForwardBackward) {
+  const int B = 3, T = 40, C = 72, V = 50, Vp = 64;  // few tokens: many repeats
+  auto wte = RandomVector(Vp * C, 1), wpe = RandomVector(T * C, 2);
+  auto inp = RandomTokens(B * T, V, 3);
+  auto dout = RandomVector(B * T * C, 4);
+  auto dwte = RandomVector(Vp * C, 5), dwpe = RandomVector(T * C, 6);
+  std::vector<float> out(B * T * C);
+  cpu::EncoderForward(cpu_, out.data(), inp.data(), wte.data(), wpe.data(), B, T, C);
+  auto dwte_ref = dwte, dwpe_ref = dwpe;
+  cpu::EncoderBackward(cpu_, dwte_ref.data(), dwpe_ref.data(), dout.data(), inp.data(), B, T, C);
+
+  DeviceBuffer<float> d_wte(wte), d_wpe(wpe), d_out(out.size()), d_dout(dout), d_dwte(dwte),
+      d_dwpe(dwpe);
+  DeviceBuffer<int32_t> d_inp(inp);
+  ASSERT_TRUE(
+      cuda::EncoderForward(ctx(), d_out.get(), d_inp.get(), d_wte.get(), d_wpe.get(), B, T, C)
+          .ok());
+  ASSERT_TRUE(cuda::EncoderBackward(ctx(), d_dwte.get(), d_dwpe.get(),
+                                    static_cast<const float*>(d_dout.get()), d_inp.get(), B, T, C,
+                                    Vp)
+                  .ok());
+  // Same additions in the same order as the CPU loops: exact.
+  ExpectAllClose("encoder out", d_out.Download(), out, 0, 0);
+  ExpectAllClose("dwte", d_dwte.Download(), dwte_ref, 0, 0);
+  ExpectAllClose("dwpe", d_dwpe.Download(), dwpe_ref, 0, 0);
+}
+
+TEST_F(GpuOpsTest, LayerNormForwardBackward) {
+  const int N = 300, C = 200;  // C not a multiple of 32
+  auto inp = RandomVector(N * C, 10, 2.0f);
+  auto w = RandomVector(C, 11), b = RandomVector(C, 12);
+  auto dout = RandomVector(N * C, 13);
+  auto dinp = RandomVector(N * C, 14), dw = RandomVector(C, 15), db = RandomVector(C, 16);
+  std::vector<float> out(N * C), mean(N), rstd(N);
+  cpu::LayerNormForward(cpu_, out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(),
+                        N, C);
+  auto dinp_ref = dinp, dw_ref = dw, db_ref = db;
+  cpu::LayerNormBackward(cpu_, dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.data(),
+                         inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+
+  DeviceBuffer<float> d_inp(inp), d_w(w), d_b(b), d_out(N * C), d_mean(N), d_rstd(N), d_dout(dout),
+      d_dinp(dinp), d_dw(dw), d_db(db);
+  ASSERT_TRUE(cuda::LayerNormForward(ctx(), d_out.get(), d_mean.get(), d_rstd.get(),
+                                     static_cast<const float*>(d_inp.get()), d_w.get(), d_b.get(),
+                                     N, C)
+                  .ok());
+  ExpectAllClose("ln out", d_out.Download(), out, kAtol32, kRtol32);
+  ExpectAllClose("ln mean", d_mean.Download(), mean, kAtol32, kRtol32);
+  ExpectAllClose("ln rstd", d_rstd.Download(), rstd, kAtol32, kRtol32);
+  // Backward from the CPU's saved statistics so that only backward is compared.
+  d_mean.Upload(mean);
+  d_rstd.Upload(rstd);
+  ASSERT_TRUE(cuda::LayerNormBackward(ctx(), d_dinp.get(), d_dw.get(), d_db.get(),
+                                      static_cast<const float*>(d_dout.get()),
+                                      static_cast<const float*>(d_inp.get()), d_w.get(),
+                                      d_mean.get(), d_rstd.get(), N, C)
+                  .ok());
+  ExpectAllClose("ln dinp", d_dinp.Download(), dinp_ref, kAtol32, kRtol32);
+  ExpectAllClose("ln dweight", d_dw.Download(), dw_ref, 1e-4f, kRtol32);
+  ExpectAllClose("ln dbias", d_db.Download(), db_ref, 1e-4f, kRtol32);
+}
+
+TEST_F(GpuOpsTest, MatmulForwardBackward) {
+  const int N = 260, C = 96, OC = 136;
+  auto inp = RandomVector(N * C, 20), w = RandomVector(OC * C, 21), bias = RandomVector(OC, 22);
+  auto dout = RandomVector(N * OC, 23);
+  auto dinp = RandomVector(N * C, 24), dw = RandomVector(OC * C, 25), db = RandomVector(OC, 26);
+  std::vector<float> out(N * OC);
+  cpu::MatmulForward(cpu_, out.data(), inp.data(), w.data(), bias.data(), N, C, OC);
+  auto dinp_ref = dinp, dw_ref = dw, db_ref = db;
+  cpu::MatmulBackward(cpu_, dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), inp.data(),
+                      w.data(), N, C, OC);
+
+  DeviceBuffer<float> d_inp(inp), d_w(w), d_bias(bias), d_out(N * OC), d_dout(dout), d_dinp(dinp),
+      d_dw(dw), d_db(db);
+  ASSERT_TRUE(cuda::MatmulForward(ctx(), d_out.get(), static_cast<const float*>(d_inp.get()),
+                                  static_cast<const float*>(d_w.get()), d_bias.get(), N, C, OC)
+                  .ok());
+  ASSERT_TRUE(cuda::MatmulBackward(ctx(), d_dinp.get(), d_dw.get(), d_db.get(),
+                                   static_cast<const float*>(d_dout.get()),
+                                   static_cast<const float*>(d_inp.get()),
+                                   static_cast<const float*>(d_w.get()), N, C, OC)
+                  .ok());
+  ExpectAllClose("matmul out", d_out.Download(), out, 1e-4f, kRtol32);
+  ExpectAllClose("matmul dinp", d_dinp.Download(), dinp_ref, 1e-4f, kRtol32);
+  ExpectAllClose("matmul dweight", d_dw.Download(), dw_ref, 1e-4f, kRtol32);
+  ExpectAllClose("matmul dbias", d_db.Download(), db_ref, 1e-4f, kRtol32);
+}
+
+void AttentionCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int B, int T, int C, int NH) {
+  SCOPED_TRACE(::testing::Message() << "B=" << B << " T=" << T << " C=" << C << " NH=" << NH);
+  auto inp = RandomVector(B * T * 3 * C, 30 + T);
+  auto dout = RandomVector(B * T * C, 31 + T);
+  auto dinp = RandomVector(B * T * 3 * C, 32 + T);
+  std::vector<float> out(B * T * C), att(B * NH * T * T), datt(B * NH * T * T);
+  cpu::AttentionForward(cpu_ctx, out.data(), att.data(), inp.data(), B, T, C, NH);
+  auto dinp_ref = dinp;
+  cpu::AttentionBackward(cpu_ctx, dinp_ref.data(), datt.data(), dout.data(), inp.data(), att.data(),
+                         B, T, C, NH);
+
+  DeviceBuffer<float> d_inp(inp), d_out(out.size()), d_att(att.size()), d_dout(dout), d_dinp(dinp),
+      d_datt(datt.size());
+  ASSERT_TRUE(cuda::AttentionForward(ctx, d_out.get(), d_att.get(),
+                                     static_cast<const float*>(d_inp.get()), B, T, C, NH)
+                  .ok());
+  ExpectAllClose("attention out", d_out.Download(), out, kAtol32, kRtol32);
+  ExpectAllClose("attention probs", d_att.Download(), att, kAtol32, kRtol32);
+  d_att.Upload(att);
+  ASSERT_TRUE(cuda::AttentionBackward(ctx, d_dinp.get(), d_datt.get(),
+                                      static_cast<const float*>(d_dout.get()),
+                                      static_cast<const float*>(d_inp.get()),
+                                      static_cast<const float*>(d_att.get()), B, T, C, NH)
+                  .ok());
+  ExpectAllClose("attention dinp", d_dinp.Download(), dinp_ref, 1e-4f, kRtol32);
+}
+
+TEST_F(GpuOpsTest, AttentionForwardBackward) {
+  AttentionCase(cpu_, ctx(), 2, 64, 64, 4);
+  AttentionCase(cpu_, ctx(), 3, 37, 48, 3);  // T not a multiple of 32, hs 16
+}
+
+TEST_F(GpuOpsTest, GeluAndResidual) {
+  const int64_t n = 100003;
+  auto x = RandomVector(n, 40, 4.0f), y = RandomVector(n, 41), dout = RandomVector(n, 42);
+  auto dinp = RandomVector(n, 43), da = RandomVector(n, 44), db = RandomVector(n, 45);
+  std::vector<float> gelu(n), sum(n);
+  cpu::GeluForward(cpu_, gelu.data(), x.data(), n);
+  auto dinp_ref = dinp, da_ref = da, db_ref = db;
+  cpu::GeluBackward(cpu_, dinp_ref.data(), x.data(), dout.data(), n);
+  cpu::ResidualForward(cpu_, sum.data(), x.data(), y.data(), n);
+  cpu::ResidualBackward(cpu_, da_ref.data(), db_ref.data(), dout.data(), n);
+
+  DeviceBuffer<float> d_x(x), d_y(y), d_dout(dout), d_dinp(dinp), d_da(da), d_db(db), d_gelu(n),
+      d_sum(n);
+  const float* cx = d_x.get();
+  const float* cdout = d_dout.get();
+  ASSERT_TRUE(cuda::GeluForward(ctx(), d_gelu.get(), cx, n).ok());
+  ASSERT_TRUE(cuda::GeluBackward(ctx(), d_dinp.get(), cx, cdout, n).ok());
+  ASSERT_TRUE(
+      cuda::ResidualForward(ctx(), d_sum.get(), cx, static_cast<const float*>(d_y.get()), n).ok());
+  ASSERT_TRUE(cuda::ResidualBackward(ctx(), d_da.get(), d_db.get(), cdout, n).ok());
+  ExpectAllClose("gelu", d_gelu.Download(), gelu, kAtol32, kRtol32);
+  ExpectAllClose("gelu dinp", d_dinp.Download(), dinp_ref, kAtol32, kRtol32);
+  ExpectAllClose("residual", d_sum.Download(), sum, 0, 0);
+  ExpectAllClose("residual da", d_da.Download(), da_ref, 0, 0);
+  ExpectAllClose("residual db", d_db.Download(), db_ref, 0, 0);
+}
+
+TEST_F(GpuOpsTest, SoftmaxCrossEntropy) {
+  const int N = 70, V = 1000, Vp = 1024;
+  auto logits = RandomVector(N * Vp, 50, 8.0f);
+  auto targets = RandomTokens(N, V, 51);
+  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
+  const float scale = 1.0f / N;
+  cpu::SoftmaxCrossEntropyForward(cpu_, probs.data(), losses.data(), logits.data(), targets.data(),
+                                  N, V, Vp);
+  cpu::SoftmaxCrossEntropyBackward(cpu_, dlogits.data(), probs.data(), targets.data(), scale, N, V,
+                                   Vp);
+  DeviceBuffer<float> d_logits(logits), d_probs(N * Vp), d_losses(N), d_dlogits(N * Vp);
+  DeviceBuffer<int32_t> d_targets(targets);
+  ASSERT_TRUE(cuda::SoftmaxCrossEntropyForward(ctx(), d_probs.get(), d_losses.get(), d_logits.get(),
+                                               d_targets.get(), N, V, Vp)
+                  .ok());
+  ASSERT_TRUE(cuda::SoftmaxCrossEntropyBackward(ctx(), d_dlogits.get(), d_probs.get(),
+                                                d_targets.get(), scale, N, V, Vp)
+                  .ok());
+  ExpectAllClose("probs", d_probs.Download(), probs, 1e-7f, kRtol32);
+  ExpectAllClose("losses", d_losses.Download(), losses, kAtol32, kRtol32);
+  ExpectAllClose("dlogits", d_dlogits.Download(), dlogits, 1e-8f, kRtol32);
+}
+
+TEST_F(GpuOpsTest, SumOfSquaresAndSum) {
+  const int64_t n = 1000003;
+  auto x = RandomVector(n, 60);
+  DeviceBuffer<float> d_x(x);
+  auto ss = cuda::SumOfSquares(ctx(), d_x.get(), n);
+  ASSERT_TRUE(ss.ok()) << ss.status();
+  const double ref = cpu::SumOfSquares(cpu_, x.data(), n);
+  EXPECT_NEAR(*ss, ref, 1e-10 * ref);
+  double plain = 0;
+  for (float v : x) plain += v;
+  auto s = cuda::Sum(ctx(), d_x.get(), n);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_NEAR(*s, plain, 1e-9 * n);
+  auto again = cuda::SumOfSquares(ctx(), d_x.get(), n);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, *ss);  // fixed order: same bits
+  auto empty = cuda::SumOfSquares(ctx(), d_x.get(), 0);
+  ASSERT_TRUE(empty.ok());
+  EXPECT_EQ(*empty, 0.0);
+}
+
+TEST_F(GpuOpsTest, AdamWMatchesCpu) {
+  const int64_t n = 100003;
+  auto params = RandomVector(n, 70), grads = RandomVector(n, 71, 0.1f);
+  auto m = RandomVector(n, 72, 0.01f), v = RandomVector(n, 73, 0.001f);
+  for (float& x : v) x = std::fabs(x);
+  std::vector<uint8_t> mask(n);
+  for (int64_t i = 0; i < n; ++i) mask[i] = (i / 7) % 2;
+  DeviceBuffer<float> d_params(params), d_grads(grads), d_m(m), d_v(v);
+  DeviceBuffer<uint8_t> d_mask(mask);
+  for (int64_t t = 1; t <= 3; ++t) {
+    cpu::AdamWParams cp{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.7f, t};
+    cuda::AdamWParams gp{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.7f, t};
+    cpu::AdamWUpdate(cpu_, params.data(), grads.data(), m.data(), v.data(), mask.data(), n, cp);
+    ASSERT_TRUE(cuda::AdamWUpdate(ctx(), d_params.get(), d_grads.get(), d_m.get(), d_v.get(),
+                                  d_mask.get(), n, gp)
+                    .ok());
+  }
+  // The kernel repeats the CPU's IEEE operations without FMA contraction; allow an ulp.
+  ExpectAllClose("adamw params", d_params.Download(), params, 0, 1e-6f);
+  ExpectAllClose("adamw m", d_m.Download(), m, 0, 1e-6f);
+  ExpectAllClose("adamw v", d_v.Download(), v, 0, 1e-6f);
+}
+
+// bf16 activations: inputs rounded to bf16 on the host feed both sides; the GPU stores its
+// outputs in bf16, hence the looser tolerance.
+TEST_F(GpuOpsTest, Bf16LayerNormMatmulGeluAttention) {
+  const int B = 2, T = 48, C = 64, NH = 4, OC = 96;
+  const int N = B * T;
+  auto x = RoundToBf16(RandomVector(N * C, 80, 2.0f));
+  auto lw = RandomVector(C, 81), lb = RandomVector(C, 82);
+  auto w = RoundToBf16(RandomVector(OC * C, 83, 0.2f));
+  auto bias = RandomVector(OC, 84);
+
+  // LayerNorm.
+  std::vector<float> ln(N * C), mean(N), rstd(N);
+  cpu::LayerNormForward(cpu_, ln.data(), mean.data(), rstd.data(), x.data(), lw.data(), lb.data(),
+                        N, C);
+  Bf16Buffer d_x(ToBf16Bits(x)), d_ln(N * C);
+  DeviceBuffer<float> d_lw(lw), d_lb(lb), d_mean(N), d_rstd(N);
+  ASSERT_TRUE(cuda::LayerNormForward(ctx(), AsBf16(d_ln), d_mean.get(), d_rstd.get(),
+                                     static_cast<const cuda::bf16*>(AsBf16(d_x)), d_lw.get(),
+                                     d_lb.get(), N, C)
+                  .ok());
+  ExpectAllClose("bf16 ln", Download16(d_ln), ln, kAtol16, kRtol16);
+  ExpectAllClose("bf16 ln rstd", d_rstd.Download(), rstd, kAtol32, kRtol32);
+
+  // Matmul, bf16 out and fp32 out, from the same bf16 inputs.
+  std::vector<float> out(N * OC);
+  cpu::MatmulForward(cpu_, out.data(), x.data(), w.data(), bias.data(), N, C, OC);
+  Bf16Buffer d_w(ToBf16Bits(w)), d_out16(N * OC);
+  DeviceBuffer<float> d_bias(bias), d_out32(N * OC);
+  const cuda::bf16* cx = AsBf16(d_x);
+  const cuda::bf16* cw = AsBf16(d_w);
+  ASSERT_TRUE(cuda::MatmulForward(ctx(), AsBf16(d_out16), cx, cw, d_bias.get(), N, C, OC).ok());
+  ASSERT_TRUE(cuda::MatmulForward(ctx(), d_out32.get(), cx, cw, d_bias.get(), N, C, OC).ok());
+  ExpectAllClose("bf16 matmul (bf16 out)", Download16(d_out16), out, 2e-2f, kRtol16);
+  ExpectAllClose("bf16 matmul (fp32 out)", d_out32.Download(), out, 1e-4f, 1e-4f);
+
+  // Matmul backward: fp32 weight gradient from bf16 operands, bf16 input gradient.
+  auto dout = RoundToBf16(RandomVector(N * OC, 85));
+  auto dinp = RoundToBf16(RandomVector(N * C, 86));
+  auto dw = RandomVector(OC * C, 87), db = RandomVector(OC, 88);
+  auto dinp_ref = dinp, dw_ref = dw, db_ref = db;
+  cpu::MatmulBackward(cpu_, dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), x.data(),
+                      w.data(), N, C, OC);
+  Bf16Buffer d_dout(ToBf16Bits(dout)), d_dinp(ToBf16Bits(dinp));
+  DeviceBuffer<float> d_dw(dw), d_db(db);
+  ASSERT_TRUE(cuda::MatmulBackward(ctx(), AsBf16(d_dinp), d_dw.get(), d_db.get(),
+                                   static_cast<const cuda::bf16*>(AsBf16(d_dout)), cx, cw, N, C, OC)
+                  .ok());
+  ExpectAllClose("bf16 matmul dinp", Download16(d_dinp), dinp_ref, 2e-2f, kRtol16);
+  ExpectAllClose("bf16 matmul dweight", d_dw.Download(), dw_ref, 1e-3f, 1e-4f);
+  ExpectAllClose("bf16 matmul dbias", d_db.Download(), db_ref, 1e-3f, 1e-4f);
+
+  // GELU.
+  std::vector<float> gelu(N * C);
+  cpu::GeluForward(cpu_, gelu.data(), x.data(), N * C);
+  Bf16Buffer d_gelu(N * C);
+  ASSERT_TRUE(cuda::GeluForward(ctx(), AsBf16(d_gelu), cx, N * C).ok());
+  ExpectAllClose("bf16 gelu", Download16(d_gelu), gelu, kAtol16, kRtol16);
+
+  // Attention forward: scores are rounded to bf16 before the softmax, so compare loosely.
+  auto qkv = RoundToBf16(RandomVector(N * 3 * C, 89));
+  std::vector<float> aout(N * C), att(B * NH * T * T);
+  cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), B, T, C, NH);
+  Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_aout(N * C), d_att(B * NH * T * T);
+  ASSERT_TRUE(cuda::AttentionForward(ctx(), AsBf16(d_aout), AsBf16(d_att),
+                                     static_cast<const cuda::bf16*>(AsBf16(d_qkv)), B, T, C, NH)
+                  .ok());
+  ExpectAllClose("bf16 attention probs", Download16(d_att), att, 4e-3f, 3e-2f);
+  ExpectAllClose("bf16 attention out", Download16(d_aout), aout, 1e-2f, 3e-2f);
+}
+
+TEST_F(GpuOpsTest, Bf16EncoderAndCrossEntropyBackward) {
+  const int B = 2, T = 32, C = 64, V = 40, Vp = 64;
+  auto inp = RandomTokens(B * T, V, 90);
+  auto wte = RandomVector(Vp * C, 91), wpe = RandomVector(T * C, 92);
+  std::vector<float> out(B * T * C);
+  cpu::EncoderForward(cpu_, out.data(), inp.data(), wte.data(), wpe.data(), B, T, C);
+  DeviceBuffer<float> d_wte(wte), d_wpe(wpe);
+  DeviceBuffer<int32_t> d_inp(inp);
+  Bf16Buffer d_out(B * T * C);
+  ASSERT_TRUE(
+      cuda::EncoderForward(ctx(), AsBf16(d_out), d_inp.get(), d_wte.get(), d_wpe.get(), B, T, C)
+          .ok());
+  ExpectAllClose("bf16 encoder", Download16(d_out), out, 0, 1.0f / 256);
+
+  auto dout = RoundToBf16(RandomVector(B * T * C, 93));
+  auto dwte = RandomVector(Vp * C, 94), dwpe = RandomVector(T * C, 95);
+  auto dwte_ref = dwte, dwpe_ref = dwpe;
+  cpu::EncoderBackward(cpu_, dwte_ref.data(), dwpe_ref.data(), dout.data(), inp.data(), B, T, C);
+  Bf16Buffer d_dout(ToBf16Bits(dout));
+  DeviceBuffer<float> d_dwte(dwte), d_dwpe(dwpe);
+  ASSERT_TRUE(cuda::EncoderBackward(ctx(), d_dwte.get(), d_dwpe.get(),
+                                    static_cast<const cuda::bf16*>(AsBf16(d_dout)), d_inp.get(), B,
+                                    T, C, Vp)
+                  .ok());
+  ExpectAllClose("bf16 dwte", d_dwte.Download(), dwte_ref, 0, 0);
+  ExpectAllClose("bf16 dwpe", d_dwpe.Download(), dwpe_ref, 0, 0);
+
+  const int N = B * T;
+  auto logits = RandomVector(N * Vp, 96, 4.0f);
+  auto targets = RandomTokens(N, V, 97);
+  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
+  cpu::SoftmaxCrossEntropyForward(cpu_, probs.data(), losses.data(), logits.data(), targets.data(),
+                                  N, V, Vp);
+  cpu::SoftmaxCrossEntropyBackward(cpu_, dlogits.data(), probs.data(), targets.data(), 0.5f, N, V,
+                                   Vp);
+  DeviceBuffer<float> d_probs(probs);
+  DeviceBuffer<int32_t> d_targets(targets);
+  Bf16Buffer d_dlogits(N * Vp);
+  ASSERT_TRUE(cuda::SoftmaxCrossEntropyBackward(ctx(), AsBf16(d_dlogits), d_probs.get(),
+                                                d_targets.get(), 0.5f, N, V, Vp)
+                  .ok());
+  ExpectAllClose("bf16 dlogits", Download16(d_dlogits), dlogits, 1e-6f, 1.0f / 256);
+}
+
+// Deterministic mode: the reductions have a fixed order, so repeating the same calls on the
+// same inputs gives the same bits.
+TEST_F(GpuOpsTest, DeterministicBackwardIsBitIdentical) {
+  const int B = 4, T = 64, C = 128, NH = 4, Vp = 96, V = 80;
+  const int N = B * T;
+  auto inp = RandomTokens(N, V, 100);
+  auto x = RandomVector(N * C, 101), dout = RandomVector(N * C, 102);
+  auto w = RandomVector(4 * C * C, 103), lw = RandomVector(C, 104);
+  auto qkv = RandomVector(N * 3 * C, 105), dqkv_out = RandomVector(N * C, 106);
+  std::vector<float> mean(N), rstd(N), ln(N * C);
+  cpu::LayerNormForward(cpu_, ln.data(), mean.data(), rstd.data(), x.data(), lw.data(), lw.data(),
+                        N, C);
+  DeviceBuffer<float> d_x(x), d_dout(dout), d_w(w), d_lw(lw), d_mean(mean), d_rstd(rstd),
+      d_qkv(qkv), d_aout(N * C), d_att(B * NH * T * T), d_datt(B * NH * T * T),
+      d_dqkv_out(dqkv_out), d_dmlp(N * 4 * C);
+  DeviceBuffer<int32_t> d_inp(inp);
+  auto run = [&]() -> std::vector<std::vector<float>> {
+    DeviceBuffer<float> dwte(Vp * C), dwpe(T * C), dinp(N * C), dw(C), db(C), dmw(4 * C * C),
+        dmb(4 * C), dmi(N * C), dqkv(N * 3 * C);
+    for (DeviceBuffer<float>* b : {&dwte, &dwpe, &dinp, &dw, &db, &dmw, &dmb, &dmi, &dqkv}) {
+      b->Zero();
+    }
+    const float* cdout = d_dout.get();
+    const float* cx = d_x.get();
+    EXPECT_TRUE(
+        cuda::EncoderBackward(ctx(), dwte.get(), dwpe.get(), cdout, d_inp.get(), B, T, C, Vp).ok());
+    EXPECT_TRUE(cuda::LayerNormBackward(ctx(), dinp.get(), dw.get(), db.get(), cdout, cx,
+                                        d_lw.get(), d_mean.get(), d_rstd.get(), N, C)
+                    .ok());
+    // A [N, 4C] gradient through a C -> 4C linear layer.
+    EXPECT_TRUE(cuda::MatmulForward(ctx(), d_dmlp.get(), cx, static_cast<const float*>(d_w.get()),
+                                    static_cast<const float*>(nullptr), N, C, 4 * C)
+                    .ok());
+    EXPECT_TRUE(cuda::MatmulBackward(ctx(), dmi.get(), dmw.get(), dmb.get(),
+                                     static_cast<const float*>(d_dmlp.get()), cx,
+                                     static_cast<const float*>(d_w.get()), N, C, 4 * C)
+                    .ok());
+    EXPECT_TRUE(cuda::AttentionForward(ctx(), d_aout.get(), d_att.get(),
+                                       static_cast<const float*>(d_qkv.get()), B, T, C, NH)
+                    .ok());
+    EXPECT_TRUE(cuda::AttentionBackward(ctx(), dqkv.get(), d_datt.get(),
+                                        static_cast<const float*>(d_dqkv_out.get()),
+                                        static_cast<const float*>(d_qkv.get()),
+                                        static_cast<const float*>(d_att.get()), B, T, C, NH)
+                    .ok());
+    return {dwte.Download(), dwpe.Download(), dinp.Download(), dw.Download(),  db.Download(),
+            dmw.Download(),  dmb.Download(),  dmi.Download(),  dqkv.Download()};
+  };
+  const auto first = run();
+  const auto second = run();
+  ASSERT_EQ(first.size(), second.size());
+  for (size_t i = 0; i < first.size(); ++i) {
+    EXPECT_TRUE(BitIdentical(first[i], second[i])) << "output " << i << " differs between runs";
+  }
+}
+
+TEST_F(GpuOpsTest, RejectsBadShapes) {
+  DeviceBuffer<float> buf(64);
+  const float* c = buf.get();
+  EXPECT_EQ(cuda::MatmulForward(ctx(), buf.get(), c, c, nullptr, 0, 4, 4).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::AttentionForward(ctx(), buf.get(), buf.get(), c, 1, 2, 6, 4).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cuda::SoftmaxCrossEntropyForward(ctx(), buf.get(), buf.get(), c, nullptr, 1, 8, 4).code(),
+      absl::StatusCode::kInvalidArgument);
+  cuda::AdamWParams p{1e-3f, 0.9f, 0.95f, 1e-8f, 0.f, 1.f, 0};
+  EXPECT_EQ(cuda::AdamWUpdate(ctx(), buf.get(), c, buf.get(), buf.get(), nullptr, 64, p).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace spotrain::kernels
