@@ -8,12 +8,17 @@ namespace spotrain::worker {
 namespace {
 
 // Converts one element. The product x * 2^32 is exact in double (a float has 24 significant
-// bits and the scale is a power of two), so the only rounding is llround's, which does not
-// depend on the floating-point rounding mode.
+// bits and the scale is a power of two), and so are the truncation and the fraction below
+// (|d| < 2^47), so the result is round-half-away-from-zero of the exact product whatever
+// the floating-point rounding mode. (std::llround computes the same but is a library call,
+// about 6x slower here.)
 inline bool Convert(float x, int64_t* out) {
   // Written so that NaN fails the test too.
   if (!(std::fabs(x) < kFixedPointMaxAbs)) return false;
-  *out = std::llround(static_cast<double>(x) * kFixedPointScale);
+  const double d = static_cast<double>(x) * kFixedPointScale;
+  const int64_t t = static_cast<int64_t>(d);  // toward zero
+  const double frac = d - static_cast<double>(t);
+  *out = t + (frac >= 0.5 ? 1 : 0) - (frac <= -0.5 ? 1 : 0);
   return true;
 }
 
