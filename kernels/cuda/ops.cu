@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/gemm_plan.h"
 #include "kernels/cuda/ops.cuh"
 
 namespace spotrain::kernels::cuda {
@@ -334,18 +335,18 @@ __global__ void LayerNormBackwardInputKernel(Act* dinp, const Act* dout, const A
 
 // ---- matmul helpers ------------------------------------------------------------------------
 
-// Column-major cuBLAS product C = alpha * op(A) op(B) + beta * C, `batch` times with the
-// given strides, fp32 accumulation.
+// Runs `plan` (kernels/cuda/gemm_plan.h) on the operands' base pointers with cuBLAS, fp32
+// accumulation (TF32 only for fp32 operands when the context allows it).
 template <typename In, typename Out>
-absl::Status Gemm(CudaContext& ctx, cublasOperation_t op_a, cublasOperation_t op_b, int m, int n,
-                  int k, float alpha, const In* a, int lda, int64_t stride_a, const In* b, int ldb,
-                  int64_t stride_b, float beta, Out* c, int ldc, int64_t stride_c, int batch) {
+absl::Status Gemm(CudaContext& ctx, const GemmPlan& plan, const In* a, const In* b, Out* c) {
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   if (CudaType<In>::kValue == CUDA_R_32F && ctx.use_tf32()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
   CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
-      ctx.cublas(), op_a, op_b, m, n, k, &alpha, a, CudaType<In>::kValue, lda, stride_a, b,
-      CudaType<In>::kValue, ldb, stride_b, &beta, c, CudaType<Out>::kValue, ldc, stride_c, batch,
-      compute, CUBLAS_GEMM_DEFAULT));
+      ctx.cublas(), plan.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      plan.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, plan.m, plan.n, plan.k, &plan.alpha,
+      a + plan.a_offset, CudaType<In>::kValue, plan.lda, plan.stride_a, b + plan.b_offset,
+      CudaType<In>::kValue, plan.ldb, plan.stride_b, &plan.beta, c + plan.c_offset,
+      CudaType<Out>::kValue, plan.ldc, plan.stride_c, plan.batch, compute, CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
@@ -652,9 +653,7 @@ template <typename In, typename Out>
 absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* weight,
                            const float* bias, int N, int C, int OC) {
   RETURN_IF_ERROR(CheckPositive("MatmulForward", {N, C, OC}));
-  // Row-major out[N,OC] is column-major out^T[OC,N] = weight * inp^T.
-  RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, weight, C, 0, inp, C, 0, 0.0f,
-                       out, OC, 0, 1));
+  RETURN_IF_ERROR(Gemm(ctx, MatmulForwardPlan(N, C, OC), weight, inp, out));
   if (bias != nullptr) {
     const int64_t total = static_cast<int64_t>(N) * OC;
     AddBiasKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(out, bias, OC,
@@ -670,13 +669,10 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
                             int OC) {
   RETURN_IF_ERROR(CheckPositive("MatmulBackward", {N, C, OC}));
   if (dinp != nullptr) {
-    // dinp^T[C,N] += weight^T * dout^T.
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, weight, C, 0, dout, OC, 0,
-                         1.0f, dinp, C, 0, 1));
+    RETURN_IF_ERROR(Gemm(ctx, MatmulBackwardInputPlan(N, C, OC), weight, dout, dinp));
   }
-  // dweight^T[C,OC] += inp^T * dout (fp32 accumulation buffer).
-  RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, inp, C, 0, dout, OC, 0, 1.0f,
-                       dweight, C, 0, 1));
+  // Into the fp32 gradient buffer whatever the operand type.
+  RETURN_IF_ERROR(Gemm(ctx, MatmulBackwardWeightPlan(N, C, OC), inp, dout, dweight));
   if (dbias != nullptr) {
     RETURN_IF_ERROR(
         ColumnReduce(ctx, "MatmulBackward", RowSumOf<Act>{dout, OC}, dbias, nullptr, N, OC));
@@ -684,6 +680,9 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
   return absl::OkStatus();
 }
 
+// Attention materialises the [T, T] scores per (batch, head), like the CPU reference: two
+// strided-batched products per batch element (batched over heads) around a causal softmax.
+// The products cover the full square; the softmax zeroes the upper triangle.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH) {
@@ -691,28 +690,16 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
   if (C % NH != 0) {
     return absl::InvalidArgumentError("AttentionForward: C must be a multiple of NH");
   }
-  const int hs = C / NH;
-  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
-  const int64_t tt = static_cast<int64_t>(T) * T;
   for (int b = 0; b < B; ++b) {
-    const Act* q = inp + static_cast<int64_t>(b) * T * 3 * C;
-    const Act* k = q + C;
-    Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
-    // Per head: row-major scores[T,T] = q k^T is column-major scores^T = k q^T.
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, scale, k, 3 * C, hs, q, 3 * C, hs,
-                         0.0f, att_b, T, tt, NH));
+    RETURN_IF_ERROR(Gemm(ctx, AttentionScoresPlan(b, T, C, NH), inp, inp, att));
   }
   const int rows = B * NH * T;
   CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
                         ctx.stream()>>>(att, rows, T);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   for (int b = 0; b < B; ++b) {
-    const Act* v = inp + static_cast<int64_t>(b) * T * 3 * C + 2 * C;
-    const Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
-    Act* out_b = out + static_cast<int64_t>(b) * T * C;
-    // Per head: row-major out[T,hs] = att v is column-major out^T = v^T att^T.
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, v, 3 * C, hs, att_b, T, tt,
-                         0.0f, out_b, C, hs, NH));
+    RETURN_IF_ERROR(
+        Gemm(ctx, AttentionValuesPlan(b, T, C, NH), inp, static_cast<const Act*>(att), out));
   }
   return absl::OkStatus();
 }
@@ -724,40 +711,19 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   if (C % NH != 0) {
     return absl::InvalidArgumentError("AttentionBackward: C must be a multiple of NH");
   }
-  const int hs = C / NH;
-  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
-  const int64_t tt = static_cast<int64_t>(T) * T;
   for (int b = 0; b < B; ++b) {
-    const int64_t qkv_offset = static_cast<int64_t>(b) * T * 3 * C;
-    const Act* v = inp + qkv_offset + 2 * C;
-    const Act* dout_b = dout + static_cast<int64_t>(b) * T * C;
-    const Act* att_b = att + static_cast<int64_t>(b) * NH * tt;
-    Act* datt_b = datt + static_cast<int64_t>(b) * NH * tt;
-    Act* dv = dinp + qkv_offset + 2 * C;
-    // datt[T,T] = dout v^T  (column-major: datt^T = v dout^T).
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, 1.0f, v, 3 * C, hs, dout_b, C, hs,
-                         0.0f, datt_b, T, tt, NH));
-    // dv[T,hs] += att^T dout  (column-major: dv^T += dout^T att).
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, dout_b, C, hs, att_b, T, tt,
-                         1.0f, dv, 3 * C, hs, NH));
+    RETURN_IF_ERROR(Gemm(ctx, AttentionGradProbsPlan(b, T, C, NH), inp, dout, datt));
+    RETURN_IF_ERROR(Gemm(ctx, AttentionGradValuesPlan(b, T, C, NH), dout, att, dinp));
   }
+  // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
   const int rows = B * NH * T;
   CausalSoftmaxBackwardKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads,
                                 0, ctx.stream()>>>(datt, att, rows, T);
   CUDA_RETURN_IF_LAUNCH_ERROR();
+  const Act* dscores = datt;
   for (int b = 0; b < B; ++b) {
-    const int64_t qkv_offset = static_cast<int64_t>(b) * T * 3 * C;
-    const Act* q = inp + qkv_offset;
-    const Act* k = inp + qkv_offset + C;
-    const Act* dpre_b = datt + static_cast<int64_t>(b) * NH * tt;
-    Act* dq = dinp + qkv_offset;
-    Act* dk = dinp + qkv_offset + C;
-    // dq[T,hs] += scale * dpre k  (column-major: dq^T += k^T dpre^T).
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, scale, k, 3 * C, hs, dpre_b, T,
-                         tt, 1.0f, dq, 3 * C, hs, NH));
-    // dk[T,hs] += scale * dpre^T q  (column-major: dk^T += q^T dpre).
-    RETURN_IF_ERROR(Gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, scale, q, 3 * C, hs, dpre_b, T,
-                         tt, 1.0f, dk, 3 * C, hs, NH));
+    RETURN_IF_ERROR(Gemm(ctx, AttentionGradQueriesPlan(b, T, C, NH), inp, dscores, dinp));
+    RETURN_IF_ERROR(Gemm(ctx, AttentionGradKeysPlan(b, T, C, NH), inp, dscores, dinp));
   }
   return absl::OkStatus();
 }
