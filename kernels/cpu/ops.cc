@@ -3,9 +3,9 @@
 // Speed: matrix products (linear layers, and attention's QK^T, P*V and their backward
 // products, per (batch, head) and per block of query rows so that the causal upper
 // triangle is mostly skipped) go to OpenBLAS sgemm. Everything else is written with
-// 8-lane GCC vector types so that it vectorises whatever the target ISA, and uses an
-// in-house exp() (a Cephes-style polynomial) instead of libm so that softmax and GELU
-// vectorise too.
+// 4-lane GCC vector types (one SSE/NEON register) so that it vectorises on any target, and
+// uses an in-house exp() (a Cephes-style polynomial) instead of libm so that softmax and
+// GELU vectorise too.
 //
 // Determinism: outside BLAS, every output element is computed by exactly one thread with
 // the same sequence of floating-point operations whatever the thread count:
@@ -32,48 +32,64 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-
-// The 8-lane helpers below are always inlined into this file; the ABI of passing 32-byte
-// vectors to non-inlined functions without AVX is irrelevant here.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace spotrain::kernels::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// 8-lane vector helpers.
+// 4-lane vector helpers. (Wider generic vectors than the target's registers get their
+// comparisons scalarised by GCC, hence one register's worth.)
 
-typedef float V8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-typedef double V4d __attribute__((vector_size(32)));
 typedef float V4 __attribute__((vector_size(16)));
-constexpr int kLanes = 8;
+typedef int32_t I4 __attribute__((vector_size(16)));
+typedef double V4d __attribute__((vector_size(32)));
+constexpr int kLanes = 4;
 
 #define SPOTRAIN_INLINE inline __attribute__((always_inline))
 
-SPOTRAIN_INLINE V8 Load(const float* p) {
-  V8 v;
+SPOTRAIN_INLINE V4 Load(const float* p) {
+  V4 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-SPOTRAIN_INLINE void Store(float* p, const V8& v) { std::memcpy(p, &v, sizeof(v)); }
-SPOTRAIN_INLINE V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
-// The first n (< 8) lanes from p, the rest `fill`.
-SPOTRAIN_INLINE V8 LoadPartial(const float* p, int n, float fill) {
-  V8 v = Splat(fill);
+SPOTRAIN_INLINE void Store(float* p, const V4& v) { std::memcpy(p, &v, sizeof(v)); }
+SPOTRAIN_INLINE V4 Splat(float x) { return V4{x, x, x, x}; }
+// The first n (< 4) lanes from p, the rest `fill`.
+SPOTRAIN_INLINE V4 LoadPartial(const float* p, int n, float fill) {
+  V4 v = Splat(fill);
   for (int i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
-SPOTRAIN_INLINE void StorePartial(float* p, const V8& v, int n) {
+SPOTRAIN_INLINE void StorePartial(float* p, const V4& v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
-SPOTRAIN_INLINE V8 Max(const V8& a, const V8& b) { return a > b ? a : b; }
-SPOTRAIN_INLINE V8 Min(const V8& a, const V8& b) { return a < b ? a : b; }
-// Fixed pairwise order.
-SPOTRAIN_INLINE float HorizontalSum(const V8& v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+// mask ? a : b with a lane mask from a comparison (all ones or all zeros per lane).
+SPOTRAIN_INLINE V4 Select(const I4& mask, const V4& a, const V4& b) {
+  I4 ai, bi;
+  std::memcpy(&ai, &a, sizeof(ai));
+  std::memcpy(&bi, &b, sizeof(bi));
+  const I4 r = (mask & ai) | (~mask & bi);
+  V4 out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
 }
-SPOTRAIN_INLINE float HorizontalMax(const V8& v) {
+SPOTRAIN_INLINE V4 Sqrt(const V4& x) {
+#if defined(__SSE__)
+  return reinterpret_cast<V4>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
+#else
+  V4 r;
+  for (int i = 0; i < kLanes; ++i) r[i] = std::sqrt(x[i]);
+  return r;
+#endif
+}
+SPOTRAIN_INLINE V4 Max(const V4& a, const V4& b) { return Select(a > b, a, b); }
+SPOTRAIN_INLINE V4 Min(const V4& a, const V4& b) { return Select(a < b, a, b); }
+// Fixed pairwise order.
+SPOTRAIN_INLINE float HorizontalSum(const V4& v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+SPOTRAIN_INLINE float HorizontalMax(const V4& v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
   return m;
@@ -82,37 +98,37 @@ SPOTRAIN_INLINE float HorizontalMax(const V8& v) {
 // exp(x) to within about 2 ulp for x in [-87.3, 88]: Cody-Waite reduction x = n ln2 + r,
 // a degree-6 polynomial for e^r (Cephes expf coefficients), and 2^n added to the exponent
 // bits. Below -87.3 it returns 0 (so exp(-inf) == 0); above 88 it saturates at e^88.
-SPOTRAIN_INLINE V8 Exp(const V8& in) {
-  V8 x = in;
-  const V8 lo = Splat(-87.33654f);
-  const V8 underflow = x < lo ? Splat(0.0f) : Splat(1.0f);
+SPOTRAIN_INLINE V4 Exp(const V4& in) {
+  V4 x = in;
+  const V4 lo = Splat(-87.33654f);
+  const I4 underflow = x < lo;
   x = Min(Max(x, lo), Splat(88.0f));
-  const V8 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  V8 t = x * Splat(1.44269504088896341f) + magic;
-  const V8 n = t - magic;
-  V8 r = x - n * Splat(0.693359375f);
+  const V4 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  V4 t = x * Splat(1.44269504088896341f) + magic;
+  const V4 n = t - magic;
+  V4 r = x - n * Splat(0.693359375f);
   r = r - n * Splat(-2.12194440e-4f);
-  V8 p = Splat(1.9875691500e-4f);
+  V4 p = Splat(1.9875691500e-4f);
   p = p * r + Splat(1.3981999507e-3f);
   p = p * r + Splat(8.3334519073e-3f);
   p = p * r + Splat(4.1665795894e-2f);
   p = p * r + Splat(1.6666665459e-1f);
   p = p * r + Splat(5.0000001201e-1f);
   p = p * (r * r) + r + Splat(1.0f);
-  I8 ti, pi;
+  I4 ti, pi;
   std::memcpy(&ti, &t, sizeof(ti));
   std::memcpy(&pi, &p, sizeof(pi));
-  const I8 ni = ti - 0x4B400000;  // the integer n, from the bits of t
+  const I4 ni = ti - 0x4B400000;  // the integer n, from the bits of t
   pi += ni << 23;
   std::memcpy(&p, &pi, sizeof(p));
-  return p * underflow;
+  return Select(underflow, Splat(0.0f), p);
 }
 
 // ---------------------------------------------------------------------------------------
 // Threading helpers. Each call of `f` gets a disjoint range; results must not depend on
 // how ranges are cut (every caller computes each element independently of the others).
 
-// Calls f(begin, end) on contiguous ranges of [0, n), cut at multiples of 8 elements.
+// Calls f(begin, end) on contiguous ranges of [0, n), cut at multiples of kLanes elements.
 template <typename F>
 void ParallelRanges(const CpuContext& ctx, int64_t n, F&& f) {
   if (ctx.threads <= 1 || n < 2 * kLanes) {
@@ -154,22 +170,22 @@ constexpr int kAttentionRowBlock = 32;
 void CausalSoftmaxRow(float* row, int n, int len) {
   const int nv = n / kLanes * kLanes;
   const int tail = n - nv;
-  V8 vmax = Splat(-INFINITY);
+  V4 vmax = Splat(-INFINITY);
   for (int j = 0; j < nv; j += kLanes) vmax = Max(vmax, Load(row + j));
   if (tail) vmax = Max(vmax, LoadPartial(row + nv, tail, -INFINITY));
-  const V8 mx = Splat(HorizontalMax(vmax));
-  V8 sum = Splat(0.0f);
+  const V4 mx = Splat(HorizontalMax(vmax));
+  V4 sum = Splat(0.0f);
   for (int j = 0; j < nv; j += kLanes) {
-    const V8 e = Exp(Load(row + j) - mx);
+    const V4 e = Exp(Load(row + j) - mx);
     Store(row + j, e);
     sum += e;
   }
   if (tail) {
-    const V8 e = Exp(LoadPartial(row + nv, tail, -INFINITY) - mx);
+    const V4 e = Exp(LoadPartial(row + nv, tail, -INFINITY) - mx);
     StorePartial(row + nv, e, tail);
     sum += e;
   }
-  const V8 inv = Splat(1.0f / HorizontalSum(sum));
+  const V4 inv = Splat(1.0f / HorizontalSum(sum));
   for (int j = 0; j < nv; j += kLanes) Store(row + j, Load(row + j) * inv);
   if (tail) StorePartial(row + nv, LoadPartial(row + nv, tail, 0.0f) * inv, tail);
   std::memset(row + n, 0, sizeof(float) * (len - n));
@@ -179,10 +195,10 @@ void CausalSoftmaxRow(float* row, int n, int len) {
 void CausalSoftmaxBackwardRow(float* dp, const float* p, int n, int len) {
   const int nv = n / kLanes * kLanes;
   const int tail = n - nv;
-  V8 acc = Splat(0.0f);
+  V4 acc = Splat(0.0f);
   for (int j = 0; j < nv; j += kLanes) acc += Load(p + j) * Load(dp + j);
   if (tail) acc += LoadPartial(p + nv, tail, 0.0f) * LoadPartial(dp + nv, tail, 0.0f);
-  const V8 dot = Splat(HorizontalSum(acc));
+  const V4 dot = Splat(HorizontalSum(acc));
   for (int j = 0; j < nv; j += kLanes) Store(dp + j, Load(p + j) * (Load(dp + j) - dot));
   if (tail) {
     StorePartial(dp + nv,
@@ -196,15 +212,17 @@ void CausalSoftmaxBackwardRow(float* dp, const float* p, int n, int len) {
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluCube = 0.044715f;
 
-SPOTRAIN_INLINE V8 GeluSigmoid(const V8& x) {
-  const V8 u = Splat(kGeluScale) * (x + Splat(kGeluCube) * x * x * x);
-  return Splat(1.0f) / (Splat(1.0f) + Exp(Splat(-2.0f) * u));
+// The exponent is capped at 80 so that s stays a normal float (>= 1.8e-35) for very
+// negative x (denormals are slow); the true values there are below 1e-33 anyway.
+SPOTRAIN_INLINE V4 GeluSigmoid(const V4& x) {
+  const V4 u = Splat(kGeluScale) * (x + Splat(kGeluCube) * x * x * x);
+  return Splat(1.0f) / (Splat(1.0f) + Exp(Min(Splat(-2.0f) * u, Splat(80.0f))));
 }
-SPOTRAIN_INLINE V8 GeluForwardV(const V8& x) { return x * GeluSigmoid(x); }
+SPOTRAIN_INLINE V4 GeluForwardV(const V4& x) { return x * GeluSigmoid(x); }
 // d/dx [x s(2u)] = s + 2 x s (1 - s) u'(x).
-SPOTRAIN_INLINE V8 GeluGradV(const V8& x) {
-  const V8 s = GeluSigmoid(x);
-  const V8 du = Splat(kGeluScale) * (Splat(1.0f) + Splat(3.0f * kGeluCube) * x * x);
+SPOTRAIN_INLINE V4 GeluGradV(const V4& x) {
+  const V4 s = GeluSigmoid(x);
+  const V4 du = Splat(kGeluScale) * (Splat(1.0f) + Splat(3.0f * kGeluCube) * x * x);
   return s + Splat(2.0f) * x * s * (Splat(1.0f) - s) * du;
 }
 
@@ -250,18 +268,18 @@ void LayerNormForward(const CpuContext& ctx, float* out, float* mean, float* rst
   ParallelFor(ctx, N, [&](int64_t i) {
     const float* x = inp + i * C;
     float* o = out + i * C;
-    V8 acc = Splat(0.0f);
+    V4 acc = Splat(0.0f);
     for (int c = 0; c < cv; c += kLanes) acc += Load(x + c);
     if (tail) acc += LoadPartial(x + cv, tail, 0.0f);
     const float m = HorizontalSum(acc) / C;
-    const V8 vm = Splat(m);
+    const V4 vm = Splat(m);
     acc = Splat(0.0f);
     for (int c = 0; c < cv; c += kLanes) {
-      const V8 d = Load(x + c) - vm;
+      const V4 d = Load(x + c) - vm;
       acc += d * d;
     }
     if (tail) {
-      const V8 d = LoadPartial(x + cv, tail, m) - vm;
+      const V4 d = LoadPartial(x + cv, tail, m) - vm;
       acc += d * d;
     }
     const float var = HorizontalSum(acc) / C;
@@ -282,19 +300,19 @@ void LayerNormBackward(const CpuContext& ctx, float* dinp, float* dweight, float
     const float* x = inp + i * C;
     const float* d = dout + i * C;
     float* di = dinp + i * C;
-    const V8 m = Splat(mean[i]);
-    const V8 s = Splat(rstd[i]);
-    V8 acc_dn = Splat(0.0f);
-    V8 acc_dnn = Splat(0.0f);
+    const V4 m = Splat(mean[i]);
+    const V4 s = Splat(rstd[i]);
+    V4 acc_dn = Splat(0.0f);
+    V4 acc_dnn = Splat(0.0f);
     for (int c = 0; c < cv; c += kLanes) {
-      const V8 norm = (Load(x + c) - m) * s;
-      const V8 dn = Load(weight + c) * Load(d + c);
+      const V4 norm = (Load(x + c) - m) * s;
+      const V4 dn = Load(weight + c) * Load(d + c);
       acc_dn += dn;
       acc_dnn += dn * norm;
     }
     if (tail) {
-      const V8 norm = (LoadPartial(x + cv, tail, 0.0f) - m) * s;
-      const V8 dn = LoadPartial(weight + cv, tail, 0.0f) * LoadPartial(d + cv, tail, 0.0f);
+      const V4 norm = (LoadPartial(x + cv, tail, 0.0f) - m) * s;
+      const V4 dn = LoadPartial(weight + cv, tail, 0.0f) * LoadPartial(d + cv, tail, 0.0f);
       acc_dn += dn;
       acc_dnn += dn * norm;
     }
@@ -452,7 +470,7 @@ void GeluBackward(const CpuContext& ctx, float* dinp, const float* inp, const fl
     }
     if (i < end) {
       const int r = static_cast<int>(end - i);
-      const V8 g = GeluGradV(LoadPartial(inp + i, r, 0.0f)) * LoadPartial(dout + i, r, 0.0f);
+      const V4 g = GeluGradV(LoadPartial(inp + i, r, 0.0f)) * LoadPartial(dout + i, r, 0.0f);
       StorePartial(dinp + i, LoadPartial(dinp + i, r, 0.0f) + g, r);
     }
   });
@@ -483,24 +501,24 @@ void SoftmaxCrossEntropyForward(const CpuContext& ctx, float* probs, float* loss
   ParallelFor(ctx, N, [&](int64_t i) {
     const float* x = logits + i * Vp;
     float* p = probs + i * Vp;
-    V8 vmax = Splat(-INFINITY);
+    V4 vmax = Splat(-INFINITY);
     for (int j = 0; j < vv; j += kLanes) vmax = Max(vmax, Load(x + j));
     if (tail) vmax = Max(vmax, LoadPartial(x + vv, tail, -INFINITY));
     const float mx = HorizontalMax(vmax);
-    const V8 vmx = Splat(mx);
-    V8 sum = Splat(0.0f);
+    const V4 vmx = Splat(mx);
+    V4 sum = Splat(0.0f);
     for (int j = 0; j < vv; j += kLanes) {
-      const V8 e = Exp(Load(x + j) - vmx);
+      const V4 e = Exp(Load(x + j) - vmx);
       Store(p + j, e);
       sum += e;
     }
     if (tail) {
-      const V8 e = Exp(LoadPartial(x + vv, tail, -INFINITY) - vmx);
+      const V4 e = Exp(LoadPartial(x + vv, tail, -INFINITY) - vmx);
       StorePartial(p + vv, e, tail);
       sum += e;
     }
     const float total = HorizontalSum(sum);
-    const V8 inv = Splat(1.0f / total);
+    const V4 inv = Splat(1.0f / total);
     for (int j = 0; j < vv; j += kLanes) Store(p + j, Load(p + j) * inv);
     if (tail) StorePartial(p + vv, LoadPartial(p + vv, tail, 0.0f) * inv, tail);
     for (int j = V; j < Vp; ++j) p[j] = 0.0f;
@@ -532,7 +550,7 @@ double SumOfSquares(const CpuContext& ctx, const float* grads, int64_t n) {
     const int64_t end = n * (c + 1) / kChunks;
     V4d acc0 = {0, 0, 0, 0}, acc1 = {0, 0, 0, 0};
     int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
+    for (; i + 8 <= end; i += 8) {
       V4 lo, hi;
       std::memcpy(&lo, grads + i, sizeof(lo));
       std::memcpy(&hi, grads + i + 4, sizeof(hi));
@@ -553,20 +571,43 @@ double SumOfSquares(const CpuContext& ctx, const float* grads, int64_t n) {
 
 void AdamWUpdate(const CpuContext& ctx, float* params, const float* grads, float* m, float* v,
                  const uint8_t* decay_mask, int64_t n, const AdamWParams& p) {
-  const float beta1 = p.beta1, beta2 = p.beta2, eps = p.eps, lr = p.lr, gs = p.grad_scale;
+  const V4 beta1 = Splat(p.beta1), beta2 = Splat(p.beta2), eps = Splat(p.eps), lr = Splat(p.lr);
+  const V4 one_minus_beta1 = Splat(1.0f - p.beta1), one_minus_beta2 = Splat(1.0f - p.beta2);
+  const V4 gs = Splat(p.grad_scale);
   const float wd = p.weight_decay;
-  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta1), p.t)));
-  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta2), p.t)));
-  ParallelRanges(ctx, n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float g = grads[i] * gs;
-      const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-      const float vi = beta2 * v[i] + (1.0f - beta2) * (g * g);
-      m[i] = mi;
-      v[i] = vi;
-      const float decay = (decay_mask == nullptr || decay_mask[i] != 0) ? wd : 0.0f;
-      params[i] -= lr * ((mi * c1) / (std::sqrt(vi * c2) + eps) + decay * params[i]);
+  // Bias corrections as factors, in double once.
+  const V4 c1 =
+      Splat(static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta1), p.t))));
+  const V4 c2 =
+      Splat(static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta2), p.t))));
+  // Four parameters; `count` < 4 handles the tail with padded lanes (same arithmetic).
+  auto step = [&](int64_t i, int count) {
+    const bool full = count == kLanes;
+    const V4 g = (full ? Load(grads + i) : LoadPartial(grads + i, count, 0.0f)) * gs;
+    const V4 mi =
+        beta1 * (full ? Load(m + i) : LoadPartial(m + i, count, 0.0f)) + one_minus_beta1 * g;
+    const V4 vi =
+        beta2 * (full ? Load(v + i) : LoadPartial(v + i, count, 0.0f)) + one_minus_beta2 * (g * g);
+    const V4 w = full ? Load(params + i) : LoadPartial(params + i, count, 0.0f);
+    V4 decay = Splat(wd);
+    if (decay_mask != nullptr) {
+      for (int k = 0; k < count; ++k) decay[k] = decay_mask[i + k] != 0 ? wd : 0.0f;
     }
+    const V4 w_new = w - lr * ((mi * c1) / (Sqrt(vi * c2) + eps) + decay * w);
+    if (full) {
+      Store(m + i, mi);
+      Store(v + i, vi);
+      Store(params + i, w_new);
+    } else {
+      StorePartial(m + i, mi, count);
+      StorePartial(v + i, vi, count);
+      StorePartial(params + i, w_new, count);
+    }
+  };
+  ParallelRanges(ctx, n, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) step(i, kLanes);
+    if (i < end) step(i, static_cast<int>(end - i));
   });
 }
 
