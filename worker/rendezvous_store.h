@@ -39,8 +39,10 @@ class KeyValueClient {
   virtual absl::Status Set(const std::string& key, const std::string& value) = 0;
 
   // Returns the value of `key`, waiting up to `wait` for it to be set (zero: answer at
-  // once). kDeadlineExceeded when the key was not set in time; other errors come from the
-  // transport (kAborted when the key's epoch is stale).
+  // once). kDeadlineExceeded when the key was not set in time (an implementation may give
+  // up earlier, e.g. an RPC whose wait is capped: KvRendezvousStore retries until its own
+  // deadline); other errors come from the transport (kAborted when the key's epoch is
+  // stale).
   virtual absl::StatusOr<std::string> Get(const std::string& key, absl::Duration wait) = 0;
 };
 

@@ -358,7 +358,9 @@ TEST_P(GlooWorldTest, DeterministicFixedPointStepMatchesOneRankBitForBit) {
     for (int j = begin; j < end; ++j) {
       EXPECT_TRUE(AccumulateFixedPoint(micro[j].data(), kN, acc.data()).ok());
     }
-    if (comm != nullptr) EXPECT_TRUE(comm->AllReduceSum(acc.data(), kN).ok());
+    if (comm != nullptr) {
+      EXPECT_TRUE(comm->AllReduceSum(acc.data(), kN).ok());
+    }
     std::vector<float> grad(kN);
     FromFixedPoint(acc.data(), kN, 1.0 / kMicro, grad.data());
     return grad;
