@@ -1,0 +1,20 @@
+#include "worker/progress.h"
+
+#include "absl/strings/str_format.h"
+
+namespace spotrain::worker {
+
+std::string FormatProgressLine(const StepStats& stats, int64_t total_steps, float val_loss) {
+  std::string val = val_loss >= 0 ? absl::StrFormat(" | val %.4f", val_loss) : "";
+  const double tokens_per_s = stats.step_ms > 0 ? stats.tokens / (stats.step_ms / 1000.0) : 0;
+  return absl::StrFormat("step %d/%d | loss %.4f%s | lr %.2e | %.0f tok/s | %.1f ms/step",
+                         stats.step + 1, total_steps, stats.loss, val, stats.lr, tokens_per_s,
+                         stats.step_ms);
+}
+
+std::string FormatSummaryLine(int64_t steps, float final_val_loss, const std::string& digest) {
+  return absl::StrFormat("done | steps %d | final val loss %.4f | state_digest %s", steps,
+                         final_val_loss, digest);
+}
+
+}  // namespace spotrain::worker
