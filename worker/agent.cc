@@ -1,0 +1,539 @@
+#include "worker/agent.h"
+
+#include <unistd.h>
+
+#include <memory>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "common/run_config.h"
+#include "common/status_macros.h"
+#include "worker/gloo_communicator.h"
+#include "worker/progress.h"
+#include "worker/trainer.h"
+
+namespace spotrain::worker {
+namespace {
+
+double MsSince(absl::Time t) { return absl::ToDoubleMilliseconds(absl::Now() - t); }
+
+bool Retryable(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable ||
+         status.code() == absl::StatusCode::kDeadlineExceeded;
+}
+
+// What the session reader thread has received, for the training thread to act on. The one
+// piece of state shared between the agent's threads; every field is guarded by mu_.
+class Mailbox {
+ public:
+  struct PrepareInfo {
+    int64_t epoch = 0;
+    bool immediate = false;
+    absl::Time received;
+    bool answered = false;
+  };
+
+  void OnMessage(const proto::CoordinatorMessage& message) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    switch (message.kind_case()) {
+      case proto::CoordinatorMessage::kPrepare:
+        if (message.prepare().epoch() > prepare_.epoch) {
+          prepare_ = {message.prepare().epoch(), message.prepare().immediate(), absl::Now(), false};
+          SPOTRAIN_LOG(Debug, "prepare epoch %d (%s)", prepare_.epoch,
+                       prepare_.immediate ? "immediate" : "at an agreed step");
+          if (prepare_.immediate && comm_ != nullptr && prepare_.epoch > comm_epoch_) {
+            comm_->Abort();
+          }
+        }
+        break;
+      case proto::CoordinatorMessage::kPlan:
+        if (!plan_.has_value() || message.plan().epoch() > plan_->epoch()) {
+          plan_ = message.plan();
+        }
+        break;
+      case proto::CoordinatorMessage::kCommand:
+        if (message.command().stop()) {
+          stop_ = message.command();
+          if (comm_ != nullptr) comm_->Abort();
+        }
+        if (message.command().checkpoint_now()) checkpoint_now_ = true;
+        break;
+      case proto::CoordinatorMessage::kRejected:
+        SPOTRAIN_LOG(Warning, "coordinator rejected a report: %s", message.rejected().message());
+        break;
+      default:
+        break;
+    }
+  }
+
+  void OnSessionEnd(const grpc::Status& status) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    session_alive_ = false;
+    session_end_ = status;
+  }
+  void OnSessionOpen() ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    session_alive_ = true;
+  }
+  bool session_alive() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return session_alive_;
+  }
+
+  // The communicator an immediate Prepare or a stop must abort (null between epochs).
+  void SetCommunicator(Communicator* comm, int64_t epoch) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    comm_ = comm;
+    comm_epoch_ = epoch;
+    if (comm_ != nullptr && ((prepare_.immediate && prepare_.epoch > epoch) || stop_)) {
+      comm_->Abort();
+    }
+  }
+
+  // A planned (non-immediate) Prepare newer than `epoch` is pending: the in-band flag.
+  bool PlannedChangePending(int64_t epoch) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return prepare_.epoch > epoch;
+  }
+  bool ConsumeCheckpointNow() ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    bool value = checkpoint_now_;
+    checkpoint_now_ = false;
+    return value;
+  }
+
+  enum class Event { kNone, kStop, kPrepare, kPlan, kSessionLost };
+  struct Next {
+    Event event = Event::kNone;
+    PrepareInfo prepare;
+    proto::Plan plan;
+    proto::Command stop;
+  };
+
+  // Waits up to `timeout` for something the training thread must act on while it is not
+  // training: a stop, an unanswered Prepare, or a Plan newer than `epoch` (the plan is only
+  // returned once its Prepare was answered, or when it is for an epoch we never saw
+  // prepared, e.g. a joiner's first plan).
+  Next Wait(int64_t epoch, absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stop_.has_value() || (prepare_.epoch > epoch && !prepare_.answered) ||
+             CurrentPlanNewerThan(epoch) || !session_alive_;
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+    Next next;
+    if (stop_.has_value()) {
+      next.event = Event::kStop;
+      next.stop = *stop_;
+    } else if (prepare_.epoch > epoch && !prepare_.answered &&
+               !(plan_.has_value() && plan_->epoch() >= prepare_.epoch)) {
+      next.event = Event::kPrepare;
+      next.prepare = prepare_;
+    } else if (CurrentPlanNewerThan(epoch)) {
+      next.event = Event::kPlan;
+      next.plan = *plan_;
+      next.prepare = prepare_;
+    } else if (!session_alive_) {
+      next.event = Event::kSessionLost;
+    }
+    return next;
+  }
+
+  // True when the epoch now running must end at once: a stop, or an immediate Prepare for
+  // a newer epoch (checked between steps, for groups whose collectives Abort cannot reach).
+  bool Interrupted(int64_t epoch) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return stop_.has_value() || (prepare_.immediate && prepare_.epoch > epoch);
+  }
+
+  void MarkAnswered(int64_t epoch) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    if (prepare_.epoch == epoch) prepare_.answered = true;
+  }
+
+  // When the Prepare of `epoch` arrived (the start of this worker's recovery timeline).
+  absl::Time PrepareTime(int64_t epoch) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return prepare_.epoch == epoch ? prepare_.received : absl::Now();
+  }
+
+  // Forget stop / plans after a re-join (a new worker id starts a new conversation).
+  void ResetForRejoin() ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    stop_.reset();
+    plan_.reset();
+    prepare_ = PrepareInfo();
+  }
+
+ private:
+  // A plan newer than `epoch` that no later Prepare has superseded.
+  bool CurrentPlanNewerThan(int64_t epoch) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return plan_.has_value() && plan_->epoch() > epoch && plan_->epoch() >= prepare_.epoch;
+  }
+
+  mutable absl::Mutex mu_;
+  PrepareInfo prepare_ ABSL_GUARDED_BY(mu_);
+  std::optional<proto::Plan> plan_ ABSL_GUARDED_BY(mu_);
+  std::optional<proto::Command> stop_ ABSL_GUARDED_BY(mu_);
+  bool checkpoint_now_ ABSL_GUARDED_BY(mu_) = false;
+  bool session_alive_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status session_end_ ABSL_GUARDED_BY(mu_);
+  Communicator* comm_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t comm_epoch_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class Agent {
+ public:
+  Agent(const AgentOptions& options, LeaveRequest& leave) : options_(options), leave_(leave) {}
+
+  absl::StatusOr<AgentResult> Run();
+
+ private:
+  // Joins (retrying while the coordinator is unreachable, up to `timeout`) and opens the
+  // session. Sets worker_id_ and, on the first join, config_ and trainer_.
+  absl::Status JoinAndOpenSession(absl::Duration timeout);
+  void HeartbeatLoop();
+  void Send(const proto::WorkerMessage& message) { client_->Send(message); }
+  void SendReady(int64_t epoch);
+  void SendCollectiveFailed(int64_t epoch, const absl::Status& error);
+  // Runs one epoch's plan until the epoch ends (a Prepare to answer, a failure, a stop) or
+  // training is complete. Errors are fatal for the process (not for the epoch).
+  absl::Status ExecutePlan(const proto::Plan& plan);
+  void PrintSummary();
+
+  const AgentOptions& options_;
+  LeaveRequest& leave_;
+  std::unique_ptr<CoordinatorClient> client_;
+  Mailbox mailbox_;
+  proto::RunConfig config_;
+  uint64_t fingerprint_ = 0;
+  std::unique_ptr<Trainer> trainer_;
+  bool holds_state_ = false;
+
+  std::atomic<uint64_t> worker_id_{0};
+  std::atomic<int64_t> epoch_{0};        // epoch of the plan being executed
+  std::atomic<int64_t> held_steps_{-1};  // completed steps of our state (-1: none)
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> leave_notified_{false};
+  absl::Mutex session_mu_;  // serialises re-joins (heartbeat thread) with the main thread's
+  bool summary_printed_ = false;
+  float last_val_loss_ = -1;
+};
+
+absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
+  absl::MutexLock lock(&session_mu_);
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::Duration backoff = absl::Milliseconds(100);
+  proto::JoinResponse response;
+  while (true) {
+    proto::JoinRequest request;
+    request.set_name(options_.name);
+    request.set_advertise_host(options_.advertise_host);
+    request.set_device(options_.device);
+    request.set_held_step(holds_state_ ? held_steps_.load() : -1);
+    request.set_held_fingerprint(holds_state_ ? fingerprint_ : 0);
+    request.set_previous_worker_id(worker_id_.load());
+    request.set_current_epoch(epoch_.load());
+    auto joined = client_->Join(request);
+    if (joined.ok()) {
+      response = *std::move(joined);
+      break;
+    }
+    if (!Retryable(joined.status()) || absl::Now() + backoff > deadline) {
+      return joined.status();
+    }
+    SPOTRAIN_LOG(Info, "coordinator %s not reachable (%s); retrying in %s", client_->target(),
+                 joined.status().message(), absl::FormatDuration(backoff));
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(2));
+  }
+  if (trainer_ == nullptr) {
+    config_ = response.config();
+    fingerprint_ = response.run_fingerprint();
+    ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_));
+  } else if (response.run_fingerprint() != fingerprint_) {
+    return absl::FailedPreconditionError(
+        "the coordinator now runs a different run (config changed): exiting so that a fresh "
+        "worker joins it");
+  }
+  worker_id_ = response.worker_id();
+  common::SetLogTag(absl::StrCat("worker ", response.worker_id()));
+  mailbox_.ResetForRejoin();
+  RETURN_IF_ERROR(client_->OpenSession(
+      response.worker_id(), [this](const proto::CoordinatorMessage& m) { mailbox_.OnMessage(m); },
+      [this](const grpc::Status& s) {
+        if (!stopping_) {
+          SPOTRAIN_LOG(Warning, "session with the coordinator ended: %s", s.error_message());
+        }
+        mailbox_.OnSessionEnd(s);
+      }));
+  mailbox_.OnSessionOpen();
+  leave_notified_ = false;
+  SPOTRAIN_LOG(Info, "joined run %s as worker %d (%s, holds step %d)", response.run_id(),
+               response.worker_id(), options_.name, holds_state_ ? held_steps_.load() : -1);
+  return absl::OkStatus();
+}
+
+void Agent::HeartbeatLoop() {
+  while (!stopping_) {
+    if (leave_.count.load() > 0 && !leave_notified_.exchange(true)) {
+      proto::WorkerMessage m;
+      m.mutable_leave()->set_reason(leave_.reason.load());
+      m.mutable_leave()->set_deadline_unix_ms(leave_.deadline_unix_ms.load());
+      Send(m);
+      SPOTRAIN_LOG(Info, "leave requested (%s): told the coordinator", leave_.reason.load());
+    }
+    proto::WorkerMessage m;
+    m.mutable_heartbeat()->set_epoch(epoch_.load());
+    m.mutable_heartbeat()->set_completed_steps(held_steps_.load());
+    Send(m);
+    absl::SleepFor(absl::Milliseconds(config_.heartbeat_ms()));
+  }
+}
+
+void Agent::SendReady(int64_t epoch) {
+  proto::WorkerMessage m;
+  m.mutable_ready()->set_epoch(epoch);
+  m.mutable_ready()->set_completed_steps(holds_state_ ? held_steps_.load() : -1);
+  m.mutable_ready()->set_held_fingerprint(holds_state_ ? fingerprint_ : 0);
+  Send(m);
+  mailbox_.MarkAnswered(epoch);
+}
+
+void Agent::SendCollectiveFailed(int64_t epoch, const absl::Status& error) {
+  SPOTRAIN_LOG(Warning, "epoch %d: %s", epoch, error.ToString());
+  proto::WorkerMessage m;
+  auto* f = m.mutable_collective_failed();
+  f->set_epoch(epoch);
+  f->set_step(trainer_->step());
+  f->set_error(std::string(error.message()));
+  f->set_completed_steps(holds_state_ ? held_steps_.load() : -1);
+  Send(m);
+}
+
+absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
+  int rank = -1;
+  for (const proto::Member& member : plan.members()) {
+    if (member.worker_id() == worker_id_) rank = member.rank();
+  }
+  if (rank < 0) return absl::OkStatus();  // not a member: a stop will follow
+  const absl::Time prepared = mailbox_.PrepareTime(plan.epoch());
+  epoch_ = plan.epoch();
+  const int64_t held_before = holds_state_ ? held_steps_.load() : -1;
+
+  CoordinatorKeyValue kv(*client_, plan.epoch());
+  GlooOptions gloo_options;
+  gloo_options.interface_host = options_.advertise_host;
+  gloo_options.connect_timeout = absl::Milliseconds(config_.op_timeout_ms());
+  gloo_options.op_timeout = absl::Milliseconds(config_.op_timeout_ms());
+  auto created = CreateGlooCommunicator(kv, plan.epoch(), rank, plan.world_size(), gloo_options);
+  if (!created.ok()) {
+    SendCollectiveFailed(plan.epoch(), created.status());
+    return absl::OkStatus();
+  }
+  std::unique_ptr<Communicator> comm = *std::move(created);
+  mailbox_.SetCommunicator(comm.get(), plan.epoch());
+  struct Unregister {
+    Mailbox& mailbox;
+    ~Unregister() { mailbox.SetCommunicator(nullptr, 0); }
+  } unregister{mailbox_};
+  const double rebuilt_ms = MsSince(prepared);
+
+  // State sync as the plan says.
+  const proto::StateSource& source = plan.state_source();
+  switch (source.kind()) {
+    case proto::StateSource::KEEP:
+      if (!holds_state_ || trainer_->step() != plan.start_step()) {
+        SendCollectiveFailed(plan.epoch(),
+                             absl::InternalError(absl::StrFormat(
+                                 "plan says keep step %d but this worker holds step %d",
+                                 plan.start_step(), holds_state_ ? trainer_->step() : -1)));
+        return absl::OkStatus();
+      }
+      break;
+    case proto::StateSource::BROADCAST: {
+      absl::Status st = trainer_->BroadcastState(*comm, source.broadcast_rank());
+      if (!st.ok()) {
+        SendCollectiveFailed(plan.epoch(), st);
+        return absl::OkStatus();
+      }
+      if (trainer_->step() != plan.start_step()) {
+        return absl::InternalError(absl::StrFormat("broadcast state holds step %d, plan says %d",
+                                                   trainer_->step(), plan.start_step()));
+      }
+      break;
+    }
+    case proto::StateSource::FRESH:
+      trainer_->InitFresh();
+      break;
+    case proto::StateSource::CHECKPOINT:
+      return absl::UnimplementedError(
+          absl::StrCat("plan asks to load checkpoint step ", source.checkpoint_step(),
+                       " but this worker cannot restore checkpoints yet"));
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("plan has unknown state source ", source.kind()));
+  }
+  holds_state_ = true;
+  held_steps_ = trainer_->step();
+  const double synced_ms = MsSince(prepared);
+  const int64_t lost_steps = held_before > plan.start_step() ? held_before - plan.start_step() : 0;
+  SPOTRAIN_LOG(Info, "epoch %d: rank %d of %d, start at step %d (%s), group ready in %.0f ms",
+               plan.epoch(), rank, plan.world_size(), plan.start_step(),
+               proto::StateSource::Kind_Name(source.kind()), synced_ms);
+
+  bool first_step = true;
+  while (trainer_->step() < config_.steps()) {
+    if (mailbox_.Interrupted(plan.epoch())) return absl::OkStatus();
+    const int64_t control = mailbox_.PlannedChangePending(plan.epoch()) ? 1 : 0;
+    auto stats = trainer_->RunStep(*comm, control);
+    if (!stats.ok()) {
+      if (stats.status().code() == absl::StatusCode::kOutOfRange ||
+          stats.status().code() == absl::StatusCode::kInternal) {
+        return stats.status();  // diverged or overflowed: every rank would do the same
+      }
+      if (!comm->status().ok() && comm->status().code() == absl::StatusCode::kAborted) {
+        return absl::OkStatus();  // a newer epoch or a stop aborted us: not a failure
+      }
+      SendCollectiveFailed(plan.epoch(), stats.status());
+      return absl::OkStatus();
+    }
+    held_steps_ = trainer_->step();
+    proto::WorkerMessage done;
+    auto* d = done.mutable_step_done();
+    d->set_epoch(plan.epoch());
+    d->set_step(stats->step);
+    d->set_loss(stats->loss);
+    d->set_tokens(stats->tokens);
+    d->set_step_ms(stats->step_ms);
+    Send(done);
+
+    float val = -1;
+    const int64_t completed = trainer_->step();
+    const bool last = completed == config_.steps();
+    if (last || (config_.eval_every() > 0 && completed % config_.eval_every() == 0)) {
+      auto evaluated = trainer_->Evaluate(*comm);
+      if (!evaluated.ok()) {
+        if (comm->status().code() != absl::StatusCode::kAborted) {
+          SendCollectiveFailed(plan.epoch(), evaluated.status());
+        }
+        return absl::OkStatus();
+      }
+      val = *evaluated;
+      last_val_loss_ = val;
+    }
+    if (last || completed % config_.log_every() == 0 || val >= 0) {
+      std::string line = FormatProgressLine(*stats, config_.steps(), val);
+      std::fprintf(options_.progress, "%s | epoch %d rank %d/%d\n", line.c_str(), plan.epoch(),
+                   rank, plan.world_size());
+      std::fflush(options_.progress);
+    }
+    if (first_step) {
+      first_step = false;
+      proto::WorkerMessage report;
+      auto* r = report.mutable_recovery_report();
+      r->set_epoch(plan.epoch());
+      r->set_group_rebuilt_ms(rebuilt_ms);
+      r->set_state_synced_ms(synced_ms);
+      r->set_first_step_ms(MsSince(prepared));
+      r->set_lost_steps(lost_steps);
+      Send(report);
+    }
+    if (stats->control_sum > 0) {
+      // Every rank saw the same sum: all stop after this step and answer the Prepare.
+      SPOTRAIN_LOG(Info, "epoch %d: all ranks agreed to switch after step %d", plan.epoch(),
+                   stats->step);
+      return absl::OkStatus();
+    }
+  }
+  PrintSummary();
+  return absl::OkStatus();
+}
+
+void Agent::PrintSummary() {
+  if (summary_printed_) return;
+  summary_printed_ = true;
+  std::string line = FormatSummaryLine(trainer_->step(), last_val_loss_, trainer_->StateDigest());
+  std::fprintf(options_.progress, "%s\n", line.c_str());
+  std::fflush(options_.progress);
+}
+
+absl::StatusOr<AgentResult> Agent::Run() {
+  ASSIGN_OR_RETURN(client_, CoordinatorClient::Create(options_.coordinator, options_.client));
+  RETURN_IF_ERROR(JoinAndOpenSession(options_.join_timeout));
+  std::thread heartbeat([this] { HeartbeatLoop(); });
+  struct JoinHeartbeat {
+    Agent* agent;
+    std::thread& thread;
+    ~JoinHeartbeat() {
+      agent->stopping_ = true;
+      thread.join();
+      agent->client_->CloseSession();
+    }
+  } join_heartbeat{this, heartbeat};
+
+  AgentResult result;
+  int rejoins = 0;
+  int64_t executed_epoch = 0;
+  while (true) {
+    // A leave with no session to announce it on: go now.
+    if (leave_.count.load() > 0 && !mailbox_.session_alive()) {
+      result.message = "left (announced) while the coordinator was unreachable";
+      break;
+    }
+    Mailbox::Next next = mailbox_.Wait(executed_epoch, absl::Milliseconds(500));
+    switch (next.event) {
+      case Mailbox::Event::kNone:
+        continue;
+      case Mailbox::Event::kPrepare:
+        SendReady(next.prepare.epoch);
+        continue;
+      case Mailbox::Event::kPlan:
+        executed_epoch = next.plan.epoch();
+        RETURN_IF_ERROR(ExecutePlan(next.plan));
+        continue;
+      case Mailbox::Event::kSessionLost: {
+        if (leave_.count.load() > 0) continue;  // handled at the top of the loop
+        SPOTRAIN_LOG(Info, "re-joining the coordinator");
+        absl::Status st = JoinAndOpenSession(options_.reconnect_timeout);
+        if (!st.ok()) return st;
+        executed_epoch = 0;
+        continue;
+      }
+      case Mailbox::Event::kStop:
+        break;
+    }
+    const proto::Command& stop = next.stop;
+    if (stop.run_done() || leave_.count.load() > 0 || rejoins >= 3) {
+      result.run_done = stop.run_done();
+      result.message = stop.message();
+      break;
+    }
+    // Removed without asking (fenced after a silent loss): come back as a newcomer.
+    ++rejoins;
+    SPOTRAIN_LOG(Warning, "coordinator removed this worker: %s; re-joining as a newcomer",
+                 stop.message());
+    client_->CloseSession();
+    RETURN_IF_ERROR(JoinAndOpenSession(options_.reconnect_timeout));
+    executed_epoch = 0;
+  }
+  result.completed_steps = holds_state_ ? held_steps_.load() : -1;
+  if (result.run_done && holds_state_) result.state_digest = trainer_->StateDigest();
+  return result;
+}
+
+}  // namespace
+
+absl::StatusOr<AgentResult> RunAgent(const AgentOptions& options, LeaveRequest& leave) {
+  Agent agent(options, leave);
+  return agent.Run();
+}
+
+}  // namespace spotrain::worker
