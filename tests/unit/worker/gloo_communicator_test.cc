@@ -703,9 +703,28 @@ TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers
                                        "/spotrain_gloo_kv_", getpid(), "_", MonotonicNanos());
   ASSERT_TRUE(std::filesystem::create_directories(dir));
 
-  // Fork every child before this process creates any thread.
+  // Fork every child before this process creates any thread. Whatever happens below, the
+  // children are killed and reaped and the directory removed when the test returns.
   std::vector<pid_t> pids(kWorld, -1);
   std::vector<int> fds(kWorld, -1);
+  struct Cleanup {
+    std::vector<pid_t>& pids;
+    std::vector<int>& fds;
+    const std::string& dir;
+    ~Cleanup() {
+      for (pid_t pid : pids) {
+        if (pid > 0) kill(pid, SIGKILL);
+      }
+      for (pid_t pid : pids) {
+        if (pid > 0) waitpid(pid, nullptr, 0);
+      }
+      for (int fd : fds) {
+        if (fd >= 0) close(fd);
+      }
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{pids, fds, dir};
   for (int r = 0; r < kWorld; ++r) {
     int p[2];
     ASSERT_EQ(pipe(p), 0);
@@ -719,24 +738,12 @@ TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers
     pids[r] = pid;
     fds[r] = p[0];
   }
-  auto cleanup = [&] {
-    for (pid_t pid : pids) {
-      if (pid > 0) kill(pid, SIGKILL);
-    }
-    for (pid_t pid : pids) {
-      if (pid > 0) waitpid(pid, nullptr, 0);
-    }
-    for (int fd : fds) close(fd);
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-  };
 
   // Wait until every rank is in its all-reduce loop.
   const int64_t start_deadline = MonotonicNanos() + int64_t{90} * 1000000000;
   for (int r = 0; r < kWorld; ++r) {
-    ChildReport report;
+    ChildReport report{};
     if (!ReadReport(fds[r], start_deadline, &report) || report.kind != 'R') {
-      cleanup();
       FAIL() << "rank " << r << " did not start its all-reduce loop (code " << report.code << ")";
     }
   }
@@ -750,7 +757,7 @@ TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers
   const int64_t end_deadline = MonotonicNanos() + int64_t{90} * 1000000000;
   for (int r = 0; r < kWorld; ++r) {
     if (r == kVictim) continue;
-    ChildReport report;
+    ChildReport report{};
     ASSERT_TRUE(ReadReport(fds[r], end_deadline, &report)) << "rank " << r << " hung";
     EXPECT_EQ(report.kind, 'E');
     EXPECT_EQ(report.code, static_cast<int32_t>(absl::StatusCode::kUnavailable)) << "rank " << r;
@@ -763,7 +770,6 @@ TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers
     pids[r] = -1;
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << r;
   }
-  cleanup();
 }
 
 }  // namespace
