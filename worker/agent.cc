@@ -333,6 +333,8 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
   gloo_options.interface_host = options_.advertise_host;
   gloo_options.connect_timeout = absl::Milliseconds(config_.op_timeout_ms());
   gloo_options.op_timeout = absl::Milliseconds(config_.op_timeout_ms());
+  const int64_t epoch = plan.epoch();
+  gloo_options.cancelled = [this, epoch] { return mailbox_.Interrupted(epoch); };
   auto created = CreateGlooCommunicator(kv, plan.epoch(), rank, plan.world_size(), gloo_options);
   if (!created.ok()) {
     SendCollectiveFailed(plan.epoch(), created.status());
