@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# The GPU checks of spotrain on one GPU, in one go (meant for a lent H100: well under 8
+# minutes with 16 cores):
+#   1. the gpu-labelled tests (kernels/cuda vs the CPU reference, the CUDA model vs the CPU
+#      model, determinism), each binary under a time limit;
+#   2. GPT-2 124M training throughput on one GPU, fp32 / tf32 / bf16, uniformly random tokens
+#      (no dataset): ms/step, tokens/s, MFU by llm.c's 6N + 6LCT FLOPs per token against the
+#      GPU's dense peak for that arithmetic (H100 SXM: fp32 67, tf32 495, bf16 989 TFLOP/s);
+#   3. (SPOTRAIN_GPU_SANITIZE=1) the kernel tests under compute-sanitizer memcheck;
+# then prints a summary table last. Full logs go to DIR (at most 7 files: env.txt,
+# tests.log, bench.log, bench.json, sanitize.log, summary.md).
+#
+#   tests/gpu/run.sh DIR
+# Binaries come from, in order:
+#   SPOTRAIN_PREBUILT=<dir>  a folder made by tests/gpu/package.sh (bin/, lib/), or a CUDA
+#                            build directory (tests/gpu_*, bin/spotrain-gpu-train);
+#   otherwise it configures and builds SPOTRAIN_GPU_BUILD_DIR (default build-gpu) with CUDA
+#   for sm_90 here, which needs the Debian build dependencies (scripts/setup.sh).
+# Other knobs: SPOTRAIN_BENCH_BATCH (16), SPOTRAIN_BENCH_STEPS (20),
+# SPOTRAIN_BENCH_PRECISIONS (fp32,tf32,bf16), SPOTRAIN_TEST_TIMEOUT (240 s per binary),
+# SPOTRAIN_BENCH_TIMEOUT (300 s).
+set -uo pipefail
+
+out=${1:?usage: tests/gpu/run.sh DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+script_dir=$(cd "$(dirname "$0")" && pwd)
+start=$(date +%s)
+log() { echo "[run.sh +$(($(date +%s) - start))s] $*"; }
+
+# ---- where the binaries come from ---------------------------------------------------------
+tests=()
+bench=""
+if [[ -n ${SPOTRAIN_PREBUILT:-} ]]; then
+  pre=$(cd "$SPOTRAIN_PREBUILT" && pwd) || { echo "no folder $SPOTRAIN_PREBUILT" >&2; exit 1; }
+  if [[ -d $pre/lib ]]; then  # a package
+    for f in "$pre"/bin/gpu_*; do [[ -x $f ]] && tests+=("$f"); done
+    [[ -x $pre/bin/spotrain-gpu-train ]] && bench=$pre/bin/spotrain-gpu-train
+    export LD_LIBRARY_PATH="$pre/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  else  # a build directory
+    for f in "$pre"/tests/gpu_*; do [[ -f $f && -x $f ]] && tests+=("$f"); done
+    [[ -x $pre/bin/spotrain-gpu-train ]] && bench=$pre/bin/spotrain-gpu-train
+  fi
+else
+  repo=$(cd "$script_dir/../.." && pwd)
+  build=${SPOTRAIN_GPU_BUILD_DIR:-$repo/build-gpu}
+  [[ -x /usr/local/cuda/bin/nvcc ]] && export PATH=/usr/local/cuda/bin:$PATH
+  log "configuring and building $build (CUDA, sm_90)"
+  if ! cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPOTRAIN_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 ||
+     ! ninja -C "$build" gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test spotrain-gpu-train \
+      >>"$out/build.log" 2>&1; then
+    tail -30 "$out/build.log"
+    echo "build failed (log: $out/build.log). On a machine without Debian's gRPC/protobuf/Abseil," >&2
+    echo "build elsewhere, run tests/gpu/package.sh and pass SPOTRAIN_PREBUILT." >&2
+    exit 1
+  fi
+  for f in "$build"/tests/gpu_*; do [[ -f $f && -x $f ]] && tests+=("$f"); done
+  bench=$build/bin/spotrain-gpu-train
+fi
+if ((${#tests[@]} == 0)) || [[ -z $bench ]]; then
+  echo "no GPU test binaries or no spotrain-gpu-train found" >&2
+  exit 1
+fi
+
+# ---- CUDA runtime and cuBLAS from this machine ----------------------------------------------
+# The first folder holding `name` among the toolkit, the loader cache and the NVIDIA wheels
+# of this machine's Python.
+find_lib_dir() {
+  local name=$1 d
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib \
+           /usr/lib/x86_64-linux-gnu; do
+    [[ -e $d/$name ]] && { echo "$d"; return; }
+  done
+  d=$(ldconfig -p 2>/dev/null | awk -v n="$name" '$1 == n {print $NF; exit}')
+  [[ -n $d ]] && { dirname "$d"; return; }
+  local py
+  for py in python3 /opt/torch/.venv/bin/python3; do
+    d=$("$py" - "$name" 2>/dev/null <<'EOF'
+import glob, os, sys
+try:
+    import nvidia
+except ImportError:
+    sys.exit(0)
+for root in nvidia.__path__:
+    for hit in glob.glob(os.path.join(root, "*", "lib", sys.argv[1])):
+        print(os.path.dirname(hit)); sys.exit(0)
+EOF
+    )
+    [[ -n $d ]] && { echo "$d"; return; }
+  done
+}
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do
+  if ! ldconfig -p 2>/dev/null | grep -q "^\s*$lib "; then
+    d=$(find_lib_dir "$lib")
+    if [[ -z $d ]]; then
+      echo "cannot find $lib on this machine (CUDA 13 toolkit or nvidia wheels needed)" >&2
+      exit 1
+    fi
+    case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d" ;; esac
+  fi
+done
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "host: $(uname -a)"
+  [[ -r /etc/os-release ]] && (. /etc/os-release && echo "os: $PRETTY_NAME")
+  echo "cpus: $(nproc)"
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  [[ -n ${SPOTRAIN_PREBUILT:-} && -f $SPOTRAIN_PREBUILT/MANIFEST ]] && cat "$SPOTRAIN_PREBUILT/MANIFEST"
+  echo "--- nvidia-smi"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+  echo "--- nvcc"
+  (nvcc --version || /usr/local/cuda/bin/nvcc --version) 2>&1 | tail -2
+  echo "--- ldd $(basename "$bench")"
+  ldd "$bench" 2>&1
+} >"$out/env.txt"
+log "environment in $out/env.txt; GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+
+# ---- 1. tests -------------------------------------------------------------------------------
+test_timeout=${SPOTRAIN_TEST_TIMEOUT:-240}
+: >"$out/tests.log"
+declare -a summary_rows=()
+tests_failed=0
+for t in "${tests[@]}"; do
+  name=$(basename "$t")
+  log "test $name"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$test_timeout" "$t" --gtest_color=no >>"$out/tests.log" 2>&1 </dev/null
+  rc=$?
+  secs=$(($(date +%s) - t0))
+  # Counts from this binary's part of the log (the last summary lines gtest printed).
+  block=$(tac "$out/tests.log" | awk '/^Running main\(\)/{print; exit} {print}' | tac)
+  # Per-test result lines end with the time, e.g. "[  FAILED  ] Suite.Test (12 ms)".
+  passed=$(grep -cE '^\[       OK \] .* \([0-9]+ ms\)$' <<<"$block")
+  failed=$(grep -cE '^\[  FAILED  \] .* \([0-9]+ ms\)$' <<<"$block")
+  skipped=$(grep -cE '^\[  SKIPPED \] .* \([0-9]+ ms\)$' <<<"$block")
+  status=ok
+  if ((rc == 124 || rc == 137)); then status="TIMEOUT after ${test_timeout}s"; fi
+  if ((rc != 0)); then tests_failed=1; [[ $status == ok ]] && status="FAILED (exit $rc)"; fi
+  summary_rows+=("| test $name | $status | $passed passed, $failed failed, $skipped skipped | ${secs}s |")
+done
+
+# ---- 2. benchmark ---------------------------------------------------------------------------
+bench_timeout=${SPOTRAIN_BENCH_TIMEOUT:-300}
+log "benchmark gpt2-124m (batch ${SPOTRAIN_BENCH_BATCH:-16} x 1024, ${SPOTRAIN_BENCH_PRECISIONS:-fp32,tf32,bf16})"
+timeout --kill-after=10 "$bench_timeout" "$bench" --model gpt2-124m \
+  --batch "${SPOTRAIN_BENCH_BATCH:-16}" --seq 1024 --steps "${SPOTRAIN_BENCH_STEPS:-20}" \
+  --warmup 3 --precision "${SPOTRAIN_BENCH_PRECISIONS:-fp32,tf32,bf16}" \
+  --json "$out/bench.json" >"$out/bench.log" 2>&1 </dev/null
+bench_rc=$?
+tail -n +1 "$out/bench.log" | grep -E '^(device|model|peaks|fp32|tf32|bf16) ' || true
+
+# ---- 3. optional: compute-sanitizer ---------------------------------------------------------
+if [[ ${SPOTRAIN_GPU_SANITIZE:-0} == 1 ]]; then
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  ops_test=""
+  for t in "${tests[@]}"; do [[ $(basename "$t") == gpu_ops_test ]] && ops_test=$t; done
+  if [[ -x $sanitizer && -n $ops_test ]]; then
+    log "compute-sanitizer memcheck on gpu_ops_test"
+    timeout --kill-after=10 "${SPOTRAIN_SANITIZE_TIMEOUT:-180}" "$sanitizer" --tool memcheck \
+      --error-exitcode 99 "$ops_test" --gtest_color=no >"$out/sanitize.log" 2>&1 </dev/null
+    src=$?
+    summary_rows+=("| compute-sanitizer memcheck gpu_ops_test | $([[ $src == 0 ]] && echo ok || echo "FAILED (exit $src)") | $(grep -cE '^=========.*(Invalid|Error)' "$out/sanitize.log") error lines | |")
+    ((src != 0)) && tests_failed=1
+  else
+    summary_rows+=("| compute-sanitizer | not run (no compute-sanitizer or gpu_ops_test) | | |")
+  fi
+fi
+
+# ---- summary, last ---------------------------------------------------------------------------
+{
+  echo "## spotrain GPU checks, $(date -u +%FT%TZ)"
+  echo
+  echo "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo
+  echo "| check | result | counts | time |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${summary_rows[@]}"
+  echo "| benchmark | $([[ $bench_rc == 0 ]] && echo ok || echo "FAILED (exit $bench_rc)") | see below | |"
+  echo
+  echo "Benchmark: GPT-2 124M, one GPU, uniformly random tokens (no dataset), AdamW, grad clip;"
+  echo "MFU = (6N + 6LCT) x tokens/s / peak; peaks: fp32 = non-tensor fp32, tf32 = dense TF32,"
+  echo "bf16 = dense bf16 tensor (H100 SXM: 67 / 495 / 989 TFLOP/s)."
+  echo
+  if ((bench_rc != 0)) && ! grep -q '^| precision' "$out/bench.log"; then
+    echo "benchmark output (last lines):"
+    tail -5 "$out/bench.log"
+  fi
+  sed -n '/^| precision/,$p' "$out/bench.log"
+} >"$out/summary.md"
+log "done; logs in $out"
+echo
+cat "$out/summary.md"
+((tests_failed == 0 && bench_rc == 0))
