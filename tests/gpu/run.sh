@@ -63,6 +63,16 @@ if ((${#tests[@]} == 0)) || [[ -z $bench ]]; then
   exit 1
 fi
 
+# Kernels before the model that uses them; any other test binaries after.
+ordered=()
+for want in gpu_gemm_plan_test gpu_ops_test gpu_cuda_model_test; do
+  for t in "${tests[@]}"; do [[ $(basename "$t") == "$want" ]] && ordered+=("$t"); done
+done
+for t in "${tests[@]}"; do
+  case " ${ordered[*]} " in *" $t "*) ;; *) ordered+=("$t") ;; esac
+done
+tests=("${ordered[@]}")
+
 # ---- CUDA runtime and cuBLAS from this machine ----------------------------------------------
 # The first folder holding `name` among the toolkit, the loader cache and the NVIDIA wheels
 # of this machine's Python.
@@ -138,6 +148,7 @@ for t in "${tests[@]}"; do
   status=ok
   if ((rc == 124 || rc == 137)); then status="TIMEOUT after ${test_timeout}s"; fi
   if ((rc != 0)); then tests_failed=1; [[ $status == ok ]] && status="FAILED (exit $rc)"; fi
+  if [[ $status == ok ]] && ((skipped > 0)); then status="ok, but $skipped SKIPPED (no usable GPU? see tests.log)"; fi
   summary_rows+=("| test $name | $status | $passed passed, $failed failed, $skipped skipped | ${secs}s |")
 done
 
