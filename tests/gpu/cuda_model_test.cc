@@ -184,8 +184,8 @@ TEST_F(CudaModelTest, Fp32StepMatchesCpu) {
                  1e-6f);
   std::vector<float> gm(gpu->num_parameters()), gv(gpu->num_parameters());
   ASSERT_TRUE(gpu->CopyMomentsToHost(gm.data(), gv.data()).ok());
-  ExpectAllClose("m", gm, m, 0, 1e-6f);
-  ExpectAllClose("v", gv, v, 0, 1e-6f);
+  ExpectAllClose("m", gm, m, 1e-12f, 1e-6f);
+  ExpectAllClose("v", gv, v, 1e-15f, 1e-6f);
 }
 
 TEST_F(CudaModelTest, ForwardOnlyMatchesAndLeavesGradsAlone) {

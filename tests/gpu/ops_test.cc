@@ -290,10 +290,12 @@ TEST_F(GpuOpsTest, AdamWMatchesCpu) {
                                   d_mask.get(), n, gp)
                     .ok());
   }
-  // The kernel repeats the CPU's IEEE operations without FMA contraction; allow an ulp.
-  ExpectAllClose("adamw params", d_params.Download(), params, 0, 1e-6f);
-  ExpectAllClose("adamw m", d_m.Download(), m, 0, 1e-6f);
-  ExpectAllClose("adamw v", d_v.Download(), v, 0, 1e-6f);
+  // The kernel repeats the CPU baseline's IEEE operations without FMA contraction (equal
+  // bits); the CPU's AVX2+FMA path rounds differently in the last bit, which the absolute
+  // terms (an ulp of the operands: m ~ 1e-2, params ~ 1) cover where terms cancel.
+  ExpectAllClose("adamw params", d_params.Download(), params, 1e-7f, 1e-6f);
+  ExpectAllClose("adamw m", d_m.Download(), m, 1e-9f, 1e-6f);
+  ExpectAllClose("adamw v", d_v.Download(), v, 1e-12f, 1e-6f);
 }
 
 // bf16 activations: inputs rounded to bf16 on the host feed both sides; the GPU stores its
