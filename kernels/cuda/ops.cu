@@ -539,8 +539,9 @@ absl::StatusOr<double> GlobalSum(CudaContext& ctx, const char* op, const float* 
 // ---- AdamW ---------------------------------------------------------------------------------
 
 // The CPU reference's arithmetic in its order, with explicit round-to-nearest intrinsics
-// so that nvcc does not contract it into FMAs (the CPU build has no FMA either): with
-// IEEE division and square root (nvcc's defaults) the result matches it bit for bit.
+// so that nvcc does not contract it into FMAs: with IEEE division and square root the
+// result matches the CPU's baseline (non-FMA) path bit for bit, and its AVX2+FMA path to
+// the last bit.
 __global__ void AdamWKernel(float* params, const float* grads, float* m, float* v,
                             const uint8_t* decay_mask, int64_t n, float lr, float beta1,
                             float beta2, float eps, float weight_decay, float grad_scale, float c1,
