@@ -12,7 +12,13 @@
 // by output element, each output computed by exactly one thread in a fixed order, so the
 // result is bit-identical whatever the thread count (matrix products go to OpenBLAS, pinned
 // to ctx.threads). Kernels are reentrant; distinct calls may run concurrently on distinct
-// buffers.
+// buffers (OpenBLAS's thread count is process-wide, so concurrent calls with different
+// ctx.threads only affect each other's speed).
+//
+// Instruction sets: the non-BLAS kernels have a baseline path (the build's target ISA) and
+// an AVX2+FMA path chosen at run time on CPUs that have it (see SetCpuIsa). Each path is
+// bit-identical across thread counts; the two paths differ from each other in the last
+// bits, as OpenBLAS's own kernels differ between CPU models.
 #ifndef SPOTRAIN_KERNELS_CPU_OPS_H_
 #define SPOTRAIN_KERNELS_CPU_OPS_H_
 
@@ -23,6 +29,15 @@ namespace spotrain::kernels::cpu {
 struct CpuContext {
   int threads = 1;
 };
+
+// Which code path the non-BLAS kernels use. kAuto (the default) picks AVX2+FMA when the CPU
+// has both, else the baseline.
+enum class CpuIsa { kAuto, kBaseline, kAvx2 };
+// Selects the path for subsequent kernel calls, process-wide (tests and benchmarks; never
+// while kernels run). Returns false, changing nothing, if the CPU lacks the instructions.
+bool SetCpuIsa(CpuIsa isa);
+// "avx2" or "baseline": the path kernels use now.
+const char* ActiveCpuIsa();
 
 // out[b,t,:] = wte[inp[b,t],:] + wpe[t,:].
 void EncoderForward(const CpuContext& ctx, float* out, const int32_t* inp, const float* wte,

@@ -12,6 +12,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -194,6 +195,20 @@ inline std::vector<double> SoftmaxCrossEntropyRef(const std::vector<double>& log
 
 const CpuContext kOne{1};
 
+// Runs a test body once per instruction-set path of the kernels (skipped where the CPU
+// lacks it); the second element of the parameter is the test's own.
+template <class P>
+class IsaTest : public ::testing::TestWithParam<std::tuple<CpuIsa, P>> {
+ protected:
+  void SetUp() override {
+    if (!SetCpuIsa(std::get<0>(this->GetParam()))) GTEST_SKIP() << "this CPU lacks the ISA";
+  }
+  void TearDown() override { SetCpuIsa(CpuIsa::kAuto); }
+  const P& param() const { return std::get<1>(this->GetParam()); }
+};
+
+const auto kIsas = ::testing::Values(CpuIsa::kBaseline, CpuIsa::kAvx2);
+
 // ---------------------------------------------------------------------------------------
 // Encoder
 
@@ -222,11 +237,11 @@ TEST(EncoderTest, ForwardAndBackwardMatchReference) {
 // ---------------------------------------------------------------------------------------
 // LayerNorm
 
-class LayerNormTest : public ::testing::TestWithParam<int> {};
+class LayerNormTest : public IsaTest<int> {};
 
 TEST_P(LayerNormTest, ForwardAndBackwardMatchReference) {
   std::mt19937_64 rng(2);
-  const int N = 5, C = GetParam();
+  const int N = 5, C = param();
   std::vector<float> x = RandomFloats(rng, N * C, -2.0f, 3.0f);
   std::vector<float> weight = RandomFloats(rng, C, 0.5f, 1.5f), bias = RandomFloats(rng, C);
   std::vector<float> out(N * C), mean(N), rstd(N);
@@ -249,7 +264,8 @@ TEST_P(LayerNormTest, ForwardAndBackwardMatchReference) {
 }
 
 // 13: vector tail only; 24: whole vectors; 37: both.
-INSTANTIATE_TEST_SUITE_P(Widths, LayerNormTest, ::testing::Values(13, 24, 37));
+INSTANTIATE_TEST_SUITE_P(Widths, LayerNormTest,
+                         ::testing::Combine(kIsas, ::testing::Values(13, 24, 37)));
 
 // ---------------------------------------------------------------------------------------
 // Matmul
@@ -306,10 +322,10 @@ struct AttentionShape {
   int B, T, C, NH;
 };
 
-class AttentionTest : public ::testing::TestWithParam<AttentionShape> {};
+class AttentionTest : public IsaTest<AttentionShape> {};
 
 TEST_P(AttentionTest, ForwardAndBackwardMatchReference) {
-  const auto [B, T, C, NH] = GetParam();
+  const auto [B, T, C, NH] = param();
   std::mt19937_64 rng(5);
   std::vector<float> qkv = RandomFloats(rng, size_t(B) * T * 3 * C, -1.5f, 1.5f);
   std::vector<float> out(size_t(B) * T * C), att(size_t(B) * NH * T * T, 7.0f);
@@ -334,15 +350,23 @@ TEST_P(AttentionTest, ForwardAndBackwardMatchReference) {
   ExpectClose(Minus(dqkv, dqkv0), FiniteDiff(loss, &qd), 1e-5, 1e-3, "dinp");
 }
 
-// T=5: one partial row block and vector tails; T=45: two row blocks (32 + 13).
-INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
-                         ::testing::Values(AttentionShape{2, 5, 8, 2}, AttentionShape{1, 45, 12, 3},
-                                           AttentionShape{2, 16, 32, 2}));
+// T=5, 45: the sgemm path (T not a multiple of 8), with one and two row blocks (32 + 13)
+// and vector tails. With AVX2, T=16/24 with head sizes 16, 24 (three 8-lane column groups)
+// and 64 (two groups of four) take the hand-blocked kernel, including an odd number of
+// 8-key panels (T=24).
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionTest,
+    ::testing::Combine(kIsas,
+                       ::testing::Values(AttentionShape{2, 5, 8, 2}, AttentionShape{1, 45, 12, 3},
+                                         AttentionShape{2, 16, 32, 2}, AttentionShape{1, 24, 48, 2},
+                                         AttentionShape{1, 16, 64, 1})));
 
 // ---------------------------------------------------------------------------------------
 // GELU and residual
 
-TEST(GeluTest, ForwardAndBackwardMatchReference) {
+class GeluTest : public IsaTest<int> {};
+
+TEST_P(GeluTest, ForwardAndBackwardMatchReference) {
   std::mt19937_64 rng(6);
   const int n = 203;  // not a multiple of 8
   std::vector<float> x = RandomFloats(rng, n, -6.0f, 6.0f);
@@ -365,6 +389,8 @@ TEST(GeluTest, ForwardAndBackwardMatchReference) {
   ExpectClose(Minus(dx, dx0), want, 1e-5, 1e-4, "dinp");
 }
 
+INSTANTIATE_TEST_SUITE_P(Isa, GeluTest, ::testing::Combine(kIsas, ::testing::Values(0)));
+
 TEST(ResidualTest, ForwardAndBackward) {
   std::mt19937_64 rng(7);
   const int n = 37;
@@ -383,7 +409,9 @@ TEST(ResidualTest, ForwardAndBackward) {
 // ---------------------------------------------------------------------------------------
 // Softmax + cross-entropy
 
-TEST(SoftmaxCrossEntropyTest, ForwardAndBackwardMatchReference) {
+class SoftmaxCrossEntropyTest : public IsaTest<int> {};
+
+TEST_P(SoftmaxCrossEntropyTest, ForwardAndBackwardMatchReference) {
   std::mt19937_64 rng(8);
   const int N = 4, V = 11, Vp = 16;
   std::vector<float> logits = RandomFloats(rng, N * Vp, -4.0f, 4.0f);
@@ -408,6 +436,9 @@ TEST(SoftmaxCrossEntropyTest, ForwardAndBackwardMatchReference) {
   // Padded columns have zero gradient in the reference too.
   ExpectClose(dlogits, FiniteDiff(loss, &ld), 1e-6, 1e-4, "dlogits");
 }
+
+INSTANTIATE_TEST_SUITE_P(Isa, SoftmaxCrossEntropyTest,
+                         ::testing::Combine(kIsas, ::testing::Values(0)));
 
 // ---------------------------------------------------------------------------------------
 // Optimiser kernels
@@ -460,7 +491,8 @@ TEST(AdamWTest, NullMaskDecaysEverything) {
 
 // ---------------------------------------------------------------------------------------
 // Thread-count independence: every non-BLAS kernel, and attention (whose BLAS calls run
-// single-threaded per (batch, head)), gives bit-identical results with 1, 2 and 3 threads.
+// single-threaded per (batch, head)), gives bit-identical results with 1, 2 and 3 threads,
+// on each ISA path. T=40 and head size 8 take the AVX2 attention kernel where available.
 
 template <typename F>
 void ExpectSameForThreads(F run) {
@@ -476,7 +508,9 @@ void ExpectSameForThreads(F run) {
   }
 }
 
-TEST(ThreadIndependenceTest, NonBlasKernelsAreBitIdentical) {
+class ThreadIndependenceTest : public IsaTest<int> {};
+
+TEST_P(ThreadIndependenceTest, NonBlasKernelsAreBitIdentical) {
   std::mt19937_64 rng(11);
   const int B = 3, T = 37, C = 40, NH = 4, V = 50, Vp = 64, N = B * T;
   const std::vector<int32_t> tokens = RandomTokens(rng, N, V);
@@ -510,6 +544,20 @@ TEST(ThreadIndependenceTest, NonBlasKernelsAreBitIdentical) {
                       NH);
     return std::vector<std::vector<float>>{out, att, dqkv};
   });
+  {
+    // A shape for the AVX2 attention kernel (T and head size multiples of 8).
+    const int T2 = 40, C2 = 32, NH2 = 4;
+    const std::vector<float> qkv2 = RandomFloats(rng, B * T2 * 3 * C2);
+    const std::vector<float> dout2 = RandomFloats(rng, B * T2 * C2);
+    ExpectSameForThreads([&](const CpuContext& ctx) {
+      std::vector<float> out(B * T2 * C2), att(size_t(B) * NH2 * T2 * T2), dqkv(qkv2.size(), 0.1f),
+          datt(att.size());
+      AttentionForward(ctx, out.data(), att.data(), qkv2.data(), B, T2, C2, NH2);
+      AttentionBackward(ctx, dqkv.data(), datt.data(), dout2.data(), qkv2.data(), att.data(), B, T2,
+                        C2, NH2);
+      return std::vector<std::vector<float>>{out, att, dqkv};
+    });
+  }
   ExpectSameForThreads([&](const CpuContext& ctx) {
     std::vector<float> out(big.size()), dx(big.size(), 0.5f), r(big.size()), da(dx), db(dx);
     GeluForward(ctx, out.data(), big.data(), big.size());
@@ -543,6 +591,16 @@ TEST(ThreadIndependenceTest, NonBlasKernelsAreBitIdentical) {
     std::memcpy(ss_bits.data(), &ss, sizeof(ss));
     return std::vector<std::vector<float>>{p, m, v, ss_bits};
   });
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, ThreadIndependenceTest,
+                         ::testing::Combine(kIsas, ::testing::Values(0)));
+
+TEST(CpuIsaTest, SelectionReportsTheActivePath) {
+  ASSERT_TRUE(SetCpuIsa(CpuIsa::kBaseline));
+  EXPECT_STREQ(ActiveCpuIsa(), "baseline");
+  if (SetCpuIsa(CpuIsa::kAvx2)) EXPECT_STREQ(ActiveCpuIsa(), "avx2");
+  ASSERT_TRUE(SetCpuIsa(CpuIsa::kAuto));
 }
 
 }  // namespace
