@@ -254,10 +254,11 @@ absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
     absl::SleepFor(backoff);
     backoff = std::min(backoff * 2, absl::Seconds(2));
   }
-  if (trainer_ == nullptr) {
+  if (fingerprint_ == 0) {
+    // The trainer is built after the session is open (Run), so that a slow model
+    // allocation never delays the first heartbeat past the timeout.
     config_ = response.config();
     fingerprint_ = response.run_fingerprint();
-    ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_));
   } else if (response.run_fingerprint() != fingerprint_) {
     return absl::FailedPreconditionError(
         "the coordinator now runs a different run (config changed): exiting so that a fresh "
@@ -480,6 +481,7 @@ absl::StatusOr<AgentResult> Agent::Run() {
       agent->client_->CloseSession();
     }
   } join_heartbeat{this, heartbeat};
+  ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_));
 
   AgentResult result;
   int rejoins = 0;
