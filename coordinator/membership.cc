@@ -105,7 +105,7 @@ Membership::Membership(const proto::RunConfig& config, const proto::CoordinatorS
     plan_ = restored.last_plan();
     plan_history_[plan_.epoch()] = plan_;
     // The members of the last plan are probably still training: wait for them to re-join
-    // (placeholders time out like silent workers).
+    // (placeholders time out after twice heartbeat_timeout_ms).
     for (const proto::Member& m : plan_.members()) {
       WorkerInfo w;
       w.id = m.worker_id();
@@ -663,7 +663,8 @@ void Membership::Tick(Actions* actions) {
   const absl::Duration timeout = absl::Milliseconds(config_.heartbeat_timeout_ms());
   std::vector<uint64_t> forget;
   for (auto& [id, w] : workers_) {
-    if (IsLive(w.state) && now - w.last_seen > timeout) {
+    // Members of the journaled plan get twice as long: they must notice the restart first.
+    if (IsLive(w.state) && now - w.last_seen > (w.placeholder ? 2 * timeout : timeout)) {
       std::string reason;
       if (w.placeholder) {
         reason = "did not re-join after the coordinator restart";

@@ -622,7 +622,7 @@ const Scenario kScenarios[] = {
            "steps 10 12 a b c", "expect_step 12"})},
     {"RestartWithAMemberMissing",
      With(kThreeRunning, {"steps 0 4 a b c", "restart", "join a prev=a held=4 epoch=current",
-                          "hello a", "join b prev=b held=4 epoch=current", "hello b", "wait 900",
+                          "hello a", "join b prev=b held=4 epoch=current", "hello b", "wait 1900",
                           "expect_preparing no", "wait 300", "expect_prepare immediate a b",
                           "ready a 5", "ready b 5", "expect_plan keep 5 a b", "expect_epoch 2"})},
     {"RestartWhenWorkersStoppedWaitingForAPlan",
