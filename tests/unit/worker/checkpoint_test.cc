@@ -911,11 +911,20 @@ TEST(DiskFullTest, FileSizeLimit) {
 // ---- Measurement (not run by default) -------------------------------------------------------
 
 // gpt-small-sized state (3 x 4.87M floats), one rank: the snapshot stall, the background
-// write, and a plain sequential write + fsync of the same bytes on the same disk. Run with
-// --gtest_also_run_disabled_tests --gtest_filter='*Measure*'; SPOTRAIN_CKPT_BENCH_DIR picks
-// the directory (default: the test temp dir).
+// write (checksum, temp file, fsync, rename, directory fsyncs), and a plain sequential write +
+// fsync of the same bytes to a new file on the same disk, interleaved round by round so that
+// both see the same machine load. Run with --gtest_also_run_disabled_tests
+// --gtest_filter='*Measure*'; SPOTRAIN_CKPT_BENCH_DIR picks the directory (default: the test
+// temp dir), SPOTRAIN_CKPT_BENCH_ROUNDS the rounds (default 5).
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 TEST(CheckpointBench, DISABLED_MeasureGptSmall) {
   const char* env = std::getenv("SPOTRAIN_CKPT_BENCH_DIR");
+  const char* rounds_env = std::getenv("SPOTRAIN_CKPT_BENCH_ROUNDS");
+  const int rounds = rounds_env ? std::atoi(rounds_env) : 5;
   const std::string root =
       absl::StrCat(env ? env : ::testing::TempDir(), "/ckpt_bench_", ::getpid());
   fs::create_directories(root);
@@ -924,32 +933,33 @@ TEST(CheckpointBench, DISABLED_MeasureGptSmall) {
   const int64_t bytes = trainer->state_floats() * 4;
   std::printf("state: %lld floats, %.1f MB\n", static_cast<long long>(trainer->state_floats()),
               bytes / 1e6);
-  for (bool background : {false, true}) {
-    Results results;
-    CheckpointWriterOptions options;
-    options.digest_in_background = background;
-    CheckpointWriter writer(root, results.callback(), options);
-    for (int i = 0; i < 3; ++i) {
-      trainer->set_step(i + (background ? 100 : 0));
+  std::vector<float> plain(trainer->state_floats());
+  trainer->ReadState(0, trainer->state_floats(), plain.data());
+  using Ms = std::chrono::duration<double, std::milli>;
+
+  Results fg_results, bg_results;
+  CheckpointWriterOptions bg_options;
+  bg_options.digest_in_background = true;
+  CheckpointWriter fg(root + "/fg", fg_results.callback());
+  CheckpointWriter bg(root + "/bg", bg_results.callback(), bg_options);
+  std::vector<double> stall[2], copy[2], digest[2], write[2], durable[2], plain_ms;
+  for (int i = 0; i < rounds; ++i) {
+    for (int mode = 0; mode < 2; ++mode) {
+      CheckpointWriter& writer = mode == 0 ? fg : bg;
+      Results& results = mode == 0 ? fg_results : bg_results;
+      trainer->set_step(i);
       auto start = std::chrono::steady_clock::now();
       auto stats = writer.Save(*trainer, 1, 0, 1);
       ASSERT_TRUE(stats.ok());
       auto done = results.WaitFor(i + 1);
-      const double total_ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-              .count();
+      durable[mode].push_back(Ms(std::chrono::steady_clock::now() - start).count());
       ASSERT_TRUE(done.back().status.ok()) << done.back().status;
-      std::printf(
-          "%-16s stall %.1f ms (copy %.1f, digest %.1f)  background write %.1f ms = %.0f MB/s  "
-          "snapshot-to-durable %.1f ms\n",
-          background ? "digest-in-bg" : "digest-in-stall", stats->total_ms, stats->copy_ms,
-          stats->digest_ms, done.back().write_ms, bytes / 1e3 / done.back().write_ms, total_ms);
+      stall[mode].push_back(stats->total_ms);
+      copy[mode].push_back(stats->copy_ms);
+      digest[mode].push_back(stats->digest_ms);
+      write[mode].push_back(done.back().write_ms);
     }
-  }
-  std::vector<float> plain(trainer->state_floats());
-  trainer->ReadState(0, trainer->state_floats(), plain.data());
-  for (int i = 0; i < 3; ++i) {
-    const std::string path = absl::StrCat(root, "/plain.bin");
+    const std::string path = absl::StrCat(root, "/plain-", i, ".bin");
     auto start = std::chrono::steady_clock::now();
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ASSERT_GE(fd, 0);
@@ -963,10 +973,23 @@ TEST(CheckpointBench, DISABLED_MeasureGptSmall) {
     }
     ASSERT_EQ(::fsync(fd), 0);
     ::close(fd);
-    const double ms =
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    std::printf("plain write+fsync %.1f ms = %.0f MB/s\n", ms, bytes / 1e3 / ms);
+    plain_ms.push_back(Ms(std::chrono::steady_clock::now() - start).count());
+    std::printf(
+        "round %d: stall %.1f / %.1f ms (in-stall digest / bg digest), background write %.1f / "
+        "%.1f ms, plain write+fsync %.1f ms\n",
+        i, stall[0].back(), stall[1].back(), write[0].back(), write[1].back(), plain_ms.back());
   }
+  std::printf("medians over %d rounds:\n", rounds);
+  for (int mode = 0; mode < 2; ++mode) {
+    std::printf(
+        "  %-22s stall %6.1f ms (copy %.1f, digest %.1f)  background write %6.1f ms = %4.0f MB/s"
+        "  snapshot to durable %6.1f ms\n",
+        mode == 0 ? "digest in the stall" : "digest in background", Median(stall[mode]),
+        Median(copy[mode]), Median(digest[mode]), Median(write[mode]),
+        bytes / 1e3 / Median(write[mode]), Median(durable[mode]));
+  }
+  std::printf("  %-22s %6.1f ms = %4.0f MB/s\n", "plain write+fsync", Median(plain_ms),
+              bytes / 1e3 / Median(plain_ms));
   fs::remove_all(root);
 }
 
