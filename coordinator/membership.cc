@@ -151,7 +151,14 @@ void Membership::SetState(WorkerInfo& w, WorkerState state) {
 }
 
 void Membership::Send(uint64_t id, proto::CoordinatorMessage message, Actions* actions) {
-  actions->messages.push_back({id, std::move(message)});
+  actions->messages.push_back(
+      {id, std::make_shared<const proto::CoordinatorMessage>(std::move(message))});
+}
+
+void Membership::Broadcast(const std::vector<uint64_t>& ids, proto::CoordinatorMessage message,
+                           Actions* actions) {
+  auto shared = std::make_shared<const proto::CoordinatorMessage>(std::move(message));
+  for (uint64_t id : ids) actions->messages.push_back({id, shared});
 }
 
 void Membership::Reject(uint64_t id, absl::Status status, Actions* actions) {
@@ -800,12 +807,12 @@ void Membership::Reconcile(Actions* actions) {
                        "announced leaves take the run below min_workers %d: ordering a "
                        "checkpoint first",
                        config_.min_workers());
-          for (const proto::Member& m : plan_.members()) {
-            proto::CoordinatorMessage msg;
-            msg.mutable_command()->set_checkpoint_now(true);
-            msg.mutable_command()->set_message("checkpoint before a mass leave");
-            Send(m.worker_id(), std::move(msg), actions);
-          }
+          std::vector<uint64_t> ids;
+          for (const proto::Member& m : plan_.members()) ids.push_back(m.worker_id());
+          proto::CoordinatorMessage msg;
+          msg.mutable_command()->set_checkpoint_now(true);
+          msg.mutable_command()->set_message("checkpoint before a mass leave");
+          Broadcast(ids, std::move(msg), actions);
         }
         if (registry_.LastCommitted() < leave_checkpoint_after_ &&
             now < leave_checkpoint_deadline_) {
@@ -925,12 +932,10 @@ void Membership::StartPreparation(bool immediate, const std::string& cause,
   SPOTRAIN_LOG(Info, "preparing epoch %d (%s, %s): %d candidate(s)%s", epoch, cause,
                immediate ? "immediate" : "at the next agreed step", candidates.size(),
                full_detail.empty() ? "" : absl::StrCat("; ", full_detail));
-  for (uint64_t id : candidates) {
-    proto::CoordinatorMessage m;
-    m.mutable_prepare()->set_epoch(epoch);
-    m.mutable_prepare()->set_immediate(immediate);
-    Send(id, std::move(m), actions);
-  }
+  proto::CoordinatorMessage prepare;
+  prepare.mutable_prepare()->set_epoch(epoch);
+  prepare.mutable_prepare()->set_immediate(immediate);
+  Broadcast(candidates, std::move(prepare), actions);
   if (prep_->ready.size() == prep_->candidates.size()) FinishPreparation(actions);
 }
 
@@ -1009,9 +1014,13 @@ void Membership::FinishPreparation(Actions* actions) {
     w->epoch = p.epoch;
     w->rank = static_cast<int32_t>(rank);
     w->completed_steps = decision.start_step;
+  }
+  {
+    std::vector<uint64_t> ids;
+    for (WorkerInfo* w : members) ids.push_back(w->id);
     proto::CoordinatorMessage m;
     *m.mutable_plan() = plan;
-    Send(w->id, std::move(m), actions);
+    Broadcast(ids, std::move(m), actions);
   }
   plan_ = plan;
   plan_history_[plan.epoch()] = plan;

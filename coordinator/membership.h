@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -55,9 +56,11 @@ struct MembershipEvent {
   int64_t lost_steps = 0;
 };
 
+// A message for one worker. A broadcast (a Plan, a Prepare) shares one message object between
+// its recipients, so that it is built and serialised once, not once per worker.
 struct OutgoingMessage {
   uint64_t worker_id = 0;
-  proto::CoordinatorMessage message;
+  std::shared_ptr<const proto::CoordinatorMessage> message;
 };
 
 struct StreamClose {
@@ -193,6 +196,8 @@ class Membership {
   WorkerInfo* Find(uint64_t id);
   void SetState(WorkerInfo& w, WorkerState state);
   void Send(uint64_t id, proto::CoordinatorMessage message, Actions* actions);
+  void Broadcast(const std::vector<uint64_t>& ids, proto::CoordinatorMessage message,
+                 Actions* actions);
   void Reject(uint64_t id, absl::Status status, Actions* actions);
   void Stop(WorkerInfo& w, const std::string& message, bool run_done, Actions* actions);
   void MarkLost(WorkerInfo& w, const std::string& reason, Actions* actions);

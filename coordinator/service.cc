@@ -26,7 +26,7 @@ grpc::Status ToGrpc(const absl::Status& s) {
 // One Session stream. Reactions post to the state thread; Send/Close may be called from the
 // state thread (or, before the stream is registered, from the handler).
 class CoordinatorService::SessionReactor final
-    : public grpc::ServerBidiReactor<proto::WorkerMessage, proto::CoordinatorMessage> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   SessionReactor(CoordinatorService* service, std::string peer)
       : service_(service), peer_(std::move(peer)) {}
@@ -35,8 +35,8 @@ class CoordinatorService::SessionReactor final
   void RequestRead() { StartRead(&in_); }
 
   // Queues a message; dropped once the stream is closing.
-  void Send(const proto::CoordinatorMessage& message) ABSL_LOCKS_EXCLUDED(mu_) {
-    const proto::CoordinatorMessage* next = nullptr;
+  void Send(const grpc::ByteBuffer& message) ABSL_LOCKS_EXCLUDED(mu_) {
+    const grpc::ByteBuffer* next = nullptr;
     bool overflow = false;
     {
       absl::MutexLock lock(&mu_);
@@ -75,15 +75,27 @@ class CoordinatorService::SessionReactor final
 
   void OnReadDone(bool ok) override {
     if (ok) {
+      // Parse here, on a gRPC thread, so the state thread only handles messages.
+      proto::WorkerMessage message;
+      grpc::Status parsed =
+          grpc::SerializationTraits<proto::WorkerMessage>::Deserialize(&in_, &message);
+      if (!parsed.ok()) {
+        service_->Post([this] {
+          SPOTRAIN_LOG(Warning, "session of %s sent a malformed message; closing it", peer_);
+          service_->HandleSessionEnd(this, "malformed message");
+        });
+        Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed WorkerMessage"));
+        return;
+      }
       service_->Post(
-          [this, message = std::move(in_)] { service_->HandleSessionMessage(this, message); });
+          [this, message = std::move(message)] { service_->HandleSessionMessage(this, message); });
     } else {
       service_->Post([this] { service_->HandleSessionEnd(this, "stream ended"); });
     }
   }
 
   void OnWriteDone(bool ok) override {
-    const proto::CoordinatorMessage* next = nullptr;
+    const grpc::ByteBuffer* next = nullptr;
     bool finish = false;
     {
       absl::MutexLock lock(&mu_);
@@ -118,9 +130,9 @@ class CoordinatorService::SessionReactor final
  private:
   CoordinatorService* const service_;
   const std::string peer_;
-  proto::WorkerMessage in_;
+  grpc::ByteBuffer in_;
   absl::Mutex mu_;
-  std::deque<proto::CoordinatorMessage> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
@@ -288,8 +300,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* 
   return reactor;
 }
 
-grpc::ServerBidiReactor<proto::WorkerMessage, proto::CoordinatorMessage>*
-CoordinatorService::Session(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* CoordinatorService::Session(
+    grpc::CallbackServerContext* context) {
   auto* session = new SessionReactor(this, context->peer());
   grpc::Status auth = Authorize(context, "Session");
   if (auth.ok() && shutting_down_) {
@@ -487,9 +499,19 @@ void CoordinatorService::Apply(Actions& actions) {
     }
     Apply(more);
   }
+  // Serialise each distinct message once; the streams share its bytes.
+  std::map<const proto::CoordinatorMessage*, grpc::ByteBuffer> serialized;
   for (const OutgoingMessage& out : actions.messages) {
     auto it = by_worker_.find(out.worker_id);
-    if (it != by_worker_.end()) it->second->Send(out.message);
+    if (it == by_worker_.end()) continue;
+    auto [bytes, fresh] = serialized.try_emplace(out.message.get());
+    if (fresh) {
+      bool own_buffer = false;
+      grpc::Status s = grpc::SerializationTraits<proto::CoordinatorMessage>::Serialize(
+          *out.message, &bytes->second, &own_buffer);
+      if (!s.ok()) SPOTRAIN_LOG(Error, "cannot serialise a message: %s", s.error_message());
+    }
+    it->second->Send(bytes->second);
   }
   for (const StreamClose& close : actions.closes) {
     auto it = by_worker_.find(close.worker_id);

@@ -37,7 +37,14 @@
 
 namespace spotrain::coordinator {
 
-class CoordinatorService final : public proto::Coordinator::CallbackService {
+// Session is a raw (ByteBuffer) method so that a message sent to many workers (a Plan, a
+// Prepare) is serialised once and its bytes shared between the streams.
+using CoordinatorServiceBase =
+    proto::Coordinator::WithCallbackMethod_Join<proto::Coordinator::WithRawCallbackMethod_Session<
+        proto::Coordinator::WithCallbackMethod_KvSet<proto::Coordinator::WithCallbackMethod_KvGet<
+            proto::Coordinator::WithCallbackMethod_GetStatus<proto::Coordinator::Service>>>>>;
+
+class CoordinatorService final : public CoordinatorServiceBase {
  public:
   struct Options {
     std::string token;  // required on every RPC (GetStatus: unless public_status)
@@ -70,7 +77,7 @@ class CoordinatorService final : public proto::Coordinator::CallbackService {
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
                                  const proto::JoinRequest* request,
                                  proto::JoinResponse* response) override;
-  grpc::ServerBidiReactor<proto::WorkerMessage, proto::CoordinatorMessage>* Session(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Session(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* KvSet(grpc::CallbackServerContext* context,
                                   const proto::KvSetRequest* request,

@@ -87,18 +87,19 @@ class Sim {
       FakeWorker* w = ById(out.worker_id);
       ASSERT_NE(w, nullptr) << "message to unknown worker " << out.worker_id;
       EXPECT_TRUE(w->session) << "message to worker " << out.worker_id << " without session";
-      w->inbox.push_back(out.message);
-      if (out.message.has_prepare()) w->prepare = out.message.prepare();
-      if (out.message.has_plan()) {
-        w->plan = out.message.plan();
+      const proto::CoordinatorMessage& message = *out.message;
+      w->inbox.push_back(message);
+      if (message.has_prepare()) w->prepare = message.prepare();
+      if (message.has_plan()) {
+        w->plan = message.plan();
         w->epoch = w->plan->epoch();
         w->world = w->plan->world_size();
         for (const auto& mem : w->plan->members()) {
           if (mem.worker_id() == w->id) w->rank = mem.rank();
         }
       }
-      if (out.message.has_command()) w->command = out.message.command();
-      if (out.message.has_rejected()) w->rejected = out.message.rejected();
+      if (message.has_command()) w->command = message.command();
+      if (message.has_rejected()) w->rejected = message.rejected();
     }
     for (const StreamClose& c : a.closes) {
       FakeWorker* w = ById(c.worker_id);
