@@ -112,24 +112,19 @@ SPOTRAIN_INLINE void StorePartial(float* p, const V& v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
 // mask ? a : b per lane, with a mask from a vector comparison (all ones or all zeros).
+// (Each instance uses its target's native width, where GCC turns these into blend, max and
+// min instructions.)
 template <class V>
 SPOTRAIN_INLINE V Select(const typename VecTraits<V>::Int& mask, const V& a, const V& b) {
-  using Int = typename VecTraits<V>::Int;
-  Int ai, bi;
-  std::memcpy(&ai, &a, sizeof(ai));
-  std::memcpy(&bi, &b, sizeof(bi));
-  const Int r = (mask & ai) | (~mask & bi);
-  V out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out;
+  return mask ? a : b;
 }
 template <class V>
 SPOTRAIN_INLINE V Max(const V& a, const V& b) {
-  return Select<V>(a > b, a, b);
+  return a > b ? a : b;
 }
 template <class V>
 SPOTRAIN_INLINE V Min(const V& a, const V& b) {
-  return Select<V>(a < b, a, b);
+  return a < b ? a : b;
 }
 // Pairwise tree in a fixed order.
 template <class V>
@@ -607,12 +602,19 @@ void AttentionBackwardSgemm(float* dinp, float* datt, const float* dout, const f
 //   panels of 8 keys, transposed:  [T/8][hs][8]   (for q k^T and dout v^T)
 //   rows:                          [T][hs]        (for P v and dS k)
 //   panels of 8 channels:          [hs/8][T][8]   (for dS^T q and P^T dout)
-// Two scratch buffers of hs * T floats each, at most 64 KiB of stack together.
+// Two scratch buffers of hs * T floats each (at most 64 KiB of stack together) and, in
+// backward, one [T][16] column block (at most 32 KiB).
 constexpr int kAttentionScratchFloats = 8192;
+constexpr int kAttentionMaxT = 512;  // for the [T][16] column buffer of backward
 
 bool Avx2AttentionApplies(int T, int hs) {
-  return T % 8 == 0 && hs % 8 == 0 && int64_t{hs} * T <= kAttentionScratchFloats;
+  return T % 8 == 0 && hs % 8 == 0 && int64_t{hs} * T <= kAttentionScratchFloats &&
+         T <= kAttentionMaxT;
 }
+
+// Makes the compiler load v into a register once rather than fold the same load into
+// every FMA that uses it (which doubles the loads of the inner loops below).
+SPOTRAIN_INLINE void InRegister(V8& v) { asm("" : "+x"(v)); }
 
 // x [T rows, stride ld][hs] -> [T/8][hs][8].
 SPOTRAIN_INLINE void PackKeyPanels(const float* x, int64_t ld, int T, int hs, float* out) {
@@ -635,6 +637,10 @@ SPOTRAIN_INLINE void PackChannelPanels(const float* x, int64_t ld, int T, int hs
   }
 }
 
+// The micro-kernels below keep 8 accumulators in registers and feed each group of 8 FMAs
+// with few loads: on Zen 3 broadcasts from memory, not FMAs, are what runs out first, so
+// each kernel uses about 2 vector loads and 4 broadcasts per 8 FMAs.
+
 // c[r][j] = alpha * sum_d a[r][d] * key[j][d] for rows r < 4 and keys j in [0, jend), jend a
 // multiple of 8 (a: rows with stride lda; panels: PackKeyPanels of the keys).
 SPOTRAIN_INLINE void RowsTimesKeys4(const float* a, int64_t lda, const float* panels, int hs,
@@ -646,8 +652,10 @@ SPOTRAIN_INLINE void RowsTimesKeys4(const float* a, int64_t lda, const float* pa
     const float* p1 = p0 + 8 * hs;
     V8 acc0[4] = {}, acc1[4] = {};
     for (int d = 0; d < hs; ++d) {
-      const V8 b0 = Load<V8>(p0 + d * 8);
-      const V8 b1 = Load<V8>(p1 + d * 8);
+      V8 b0 = Load<V8>(p0 + d * 8);
+      V8 b1 = Load<V8>(p1 + d * 8);
+      InRegister(b0);
+      InRegister(b1);
       for (int r = 0; r < 4; ++r) {
         const V8 ar = Splat<V8>(a[r * lda + d]);
         acc0[r] += ar * b0;
@@ -663,83 +671,93 @@ SPOTRAIN_INLINE void RowsTimesKeys4(const float* a, int64_t lda, const float* pa
     const float* p0 = panels + int64_t{j} * hs;
     V8 acc[4] = {};
     for (int d = 0; d < hs; ++d) {
-      const V8 b0 = Load<V8>(p0 + d * 8);
+      V8 b0 = Load<V8>(p0 + d * 8);
+      InRegister(b0);
       for (int r = 0; r < 4; ++r) acc[r] += Splat<V8>(a[r * lda + d]) * b0;
     }
     for (int r = 0; r < 4; ++r) Store(c + r * ldc + j, acc[r] * va);
   }
 }
 
-// For rows r < 2: c[r][0, 8*DV) (+)= alpha * sum_{j < jend} p[r][j] * b[j][0, 8*DV), with b
-// rows hs floats apart (PackRows).
-template <int DV, bool kAccumulate>
-SPOTRAIN_INLINE void RowsTimesMatrix2(const float* p, int64_t ldp, const float* b, int hs, int jend,
-                                      float alpha, float* c, int64_t ldc) {
-  V8 acc0[DV] = {}, acc1[DV] = {};
+// For rows r < R of c [., hs]: c[r][:] (+)= alpha * sum_{j < jend} p[r][j] * b[j][:], with b
+// rows hs floats apart (PackRows), 8*DV channels at a time (R * DV == 8 accumulators).
+template <int R, int DV, bool kAccumulate>
+SPOTRAIN_INLINE void RowsTimesMatrixBlock(const float* p, int64_t ldp, const float* b, int hs,
+                                          int jend, float alpha, float* c, int64_t ldc) {
+  V8 acc[R][DV] = {};
   for (int j = 0; j < jend; ++j) {
-    const V8 p0 = Splat<V8>(p[j]), p1 = Splat<V8>(p[ldp + j]);
+    V8 bv[DV];
     for (int v = 0; v < DV; ++v) {
-      const V8 bv = Load<V8>(b + j * hs + 8 * v);
-      acc0[v] += p0 * bv;
-      acc1[v] += p1 * bv;
+      V8 t = Load<V8>(b + j * hs + 8 * v);
+      InRegister(t);
+      bv[v] = t;
+    }
+    for (int r = 0; r < R; ++r) {
+      const V8 pr = Splat<V8>(p[r * ldp + j]);
+      for (int v = 0; v < DV; ++v) acc[r][v] += pr * bv[v];
     }
   }
   const V8 va = Splat<V8>(alpha);
-  for (int v = 0; v < DV; ++v) {
-    float* c0 = c + 8 * v;
-    float* c1 = c + ldc + 8 * v;
-    if (kAccumulate) {
-      Store(c0, Load<V8>(c0) + acc0[v] * va);
-      Store(c1, Load<V8>(c1) + acc1[v] * va);
-    } else {
-      Store(c0, acc0[v] * va);
-      Store(c1, acc1[v] * va);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < DV; ++v) {
+      float* cr = c + r * ldc + 8 * v;
+      Store(cr, kAccumulate ? Load<V8>(cr) + acc[r][v] * va : acc[r][v] * va);
     }
   }
 }
 
-// Rows r < 2 of c [., hs] (+)= alpha * p[r][0, jend) * b[0, jend)[0, hs).
+// Rows r < 4 of c [., hs] (+)= alpha * p[r][0, jend) * b[0, jend)[0, hs).
 template <bool kAccumulate>
-SPOTRAIN_INLINE void RowsTimesMatrix(const float* p, int64_t ldp, const float* b, int hs, int jend,
-                                     float alpha, float* c, int64_t ldc) {
+SPOTRAIN_INLINE void RowsTimesMatrix4(const float* p, int64_t ldp, const float* b, int hs, int jend,
+                                      float alpha, float* c, int64_t ldc) {
   int d = 0;
-  for (; d + 32 <= hs; d += 32) {
-    RowsTimesMatrix2<4, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
+  for (; d + 16 <= hs; d += 16) {
+    RowsTimesMatrixBlock<4, 2, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
   }
-  switch ((hs - d) / 8) {
-    case 3:
-      RowsTimesMatrix2<3, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
-      break;
-    case 2:
-      RowsTimesMatrix2<2, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
-      break;
-    case 1:
-      RowsTimesMatrix2<1, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
-      break;
-    default:
-      break;
-  }
+  if (d < hs) RowsTimesMatrixBlock<4, 1, kAccumulate>(p, ldp, b + d, hs, jend, alpha, c + d, ldc);
 }
 
-// c[j][d] += alpha * sum_{i in [j0, T)} p[i][j] * a[i][d] for the 8 columns j in
-// [j0, j0 + 8) of p (rows ldp apart) and all d < hs, with a packed by PackChannelPanels.
-// Lanes run over j, so p is read a row segment at a time; each 8x8 result block is
-// transposed into c on the way out. Rows i < j0 are skipped: p is zero above the diagonal.
+// c[j][d] += alpha * sum_{i in [j0, T)} p[i][j] * a[i][d] for the W (8 or 16) columns j in
+// [j0, j0 + W) of p (rows ldp apart) and all d < hs, with a packed by PackChannelPanels.
+// The column block of p is first copied into `column` ([T - j0][W], contiguous): walking
+// p's rows directly would touch one line per row in a few cache sets, over and over.
+// Lanes run over j; the result blocks are transposed into c on the way out. Rows i < j0
+// are skipped: p is zero above the diagonal.
+template <int NV>  // W = 8 * NV columns
 SPOTRAIN_INLINE void ColumnsTimesMatrix(const float* p, int64_t ldp, const float* a_panels, int hs,
-                                        int j0, int T, float alpha, float* c, int64_t ldc) {
-  for (int d0 = 0; d0 < hs; d0 += 8) {
-    const float* panel = a_panels + int64_t{d0} * T;
-    V8 acc[8] = {};
-    for (int i = j0; i < T; ++i) {
-      const V8 pv = Load<V8>(p + i * ldp + j0);
-      const float* ai = panel + i * 8;
-      for (int dd = 0; dd < 8; ++dd) acc[dd] += Splat<V8>(ai[dd]) * pv;
+                                        int j0, int T, float alpha, float* column, float* c,
+                                        int64_t ldc) {
+  constexpr int W = 8 * NV;
+  constexpr int D = 8 / NV;  // channels per pass: NV * D == 8 accumulators
+  for (int i = j0; i < T; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      Store(column + (i - j0) * W + 8 * v, Load<V8>(p + i * ldp + j0 + 8 * v));
     }
-    float block[8][8];  // [d][j]
-    for (int dd = 0; dd < 8; ++dd) Store(block[dd], acc[dd]);
-    for (int jj = 0; jj < 8; ++jj) {
+  }
+  for (int d0 = 0; d0 < hs; d0 += D) {
+    const float* panel = a_panels + int64_t{d0 / 8 * 8} * T;
+    const int lane0 = d0 % 8;
+    V8 acc[D][NV] = {};
+    for (int i = j0; i < T; ++i) {
+      V8 pv[NV];
+      for (int v = 0; v < NV; ++v) {
+        V8 t = Load<V8>(column + (i - j0) * W + 8 * v);
+        InRegister(t);
+        pv[v] = t;
+      }
+      const float* ai = panel + i * 8 + lane0;
+      for (int dd = 0; dd < D; ++dd) {
+        const V8 s = Splat<V8>(ai[dd]);
+        for (int v = 0; v < NV; ++v) acc[dd][v] += s * pv[v];
+      }
+    }
+    float block[D][W];  // [d][j]
+    for (int dd = 0; dd < D; ++dd) {
+      for (int v = 0; v < NV; ++v) Store(block[dd] + 8 * v, acc[dd][v]);
+    }
+    for (int jj = 0; jj < W; ++jj) {
       float* cj = c + (j0 + jj) * ldc + d0;
-      for (int dd = 0; dd < 8; ++dd) cj[dd] += alpha * block[dd][jj];
+      for (int dd = 0; dd < D; ++dd) cj[dd] += alpha * block[dd][jj];
     }
   }
 }
@@ -769,13 +787,12 @@ SPOTRAIN_AVX2 void AttentionForwardAvx2(float* out, float* att, const float* inp
       CausalSoftmaxRowImpl<V8>(a + int64_t{i0 + r} * T, i0 + r + 1, T);
     }
     // out = P v; P is zero beyond each row's diagonal.
-    for (int i = i0; i < i0 + 4; i += 2) {
-      RowsTimesMatrix<false>(a + int64_t{i} * T, T, value_rows, hs, i + 2, 1.0f, o + i * C, C);
-    }
+    RowsTimesMatrix4<false>(a + int64_t{i0} * T, T, value_rows, hs, i0 + 4, 1.0f, o + i0 * C, C);
   }
 }
 
-SPOTRAIN_AVX2 void AttentionBackwardAvx2(float* dinp, float* datt, const float* dout,
+// ds: a [T, T] scratch buffer for dS.
+SPOTRAIN_AVX2 void AttentionBackwardAvx2(float* dinp, float* ds, const float* dout,
                                          const float* inp, const float* att, int64_t bh, int T,
                                          int C, int NH) {
   const int hs = C / NH;
@@ -789,7 +806,7 @@ SPOTRAIN_AVX2 void AttentionBackwardAvx2(float* dinp, float* datt, const float* 
   float* dk = dq + C;
   float* dv = dq + 2 * C;
   const float* a = att + bh * T * T;
-  float* da = datt + bh * T * T;
+  float* da = ds;
   const float* d = dout + b * T * C + h * hs;
   float scratch0[kAttentionScratchFloats];
   float scratch1[kAttentionScratchFloats];
@@ -797,22 +814,30 @@ SPOTRAIN_AVX2 void AttentionBackwardAvx2(float* dinp, float* datt, const float* 
   PackKeyPanels(v, C3, T, hs, scratch0);
   for (int i0 = 0; i0 < T; i0 += 4) {
     RowsTimesKeys4(d + i0 * C, C, scratch0, hs, RoundUp8(i0 + 4), 1.0f, da + int64_t{i0} * T, T);
+    // Zeroes only up to the diagonal rounded up to 16: no later pass reads further right.
+    const int zero_end = std::min(T, (i0 + 4 + 15) / 16 * 16);
     for (int r = 0; r < 4; ++r) {
       CausalSoftmaxBackwardRowImpl<V8>(da + int64_t{i0 + r} * T, a + int64_t{i0 + r} * T,
-                                       i0 + r + 1, T);
+                                       i0 + r + 1, zero_end);
     }
   }
   // dq += scale dS k (row i uses keys j <= i).
   PackRows(k, C3, T, hs, scratch0);
-  for (int i = 0; i < T; i += 2) {
-    RowsTimesMatrix<true>(da + int64_t{i} * T, T, scratch0, hs, i + 2, scale, dq + i * C3, C3);
+  for (int i0 = 0; i0 < T; i0 += 4) {
+    RowsTimesMatrix4<true>(da + int64_t{i0} * T, T, scratch0, hs, i0 + 4, scale, dq + i0 * C3, C3);
   }
   // dk += scale dS^T q and dv += P^T dout (key j receives from rows i >= j).
   PackChannelPanels(q, C3, T, hs, scratch0);
   PackChannelPanels(d, C, T, hs, scratch1);
-  for (int j0 = 0; j0 < T; j0 += 8) {
-    ColumnsTimesMatrix(da, T, scratch0, hs, j0, T, scale, dk, C3);
-    ColumnsTimesMatrix(a, T, scratch1, hs, j0, T, 1.0f, dv, C3);
+  float column[kAttentionMaxT * 16];
+  int j0 = 0;
+  for (; j0 + 16 <= T; j0 += 16) {
+    ColumnsTimesMatrix<2>(da, T, scratch0, hs, j0, T, scale, column, dk, C3);
+    ColumnsTimesMatrix<2>(a, T, scratch1, hs, j0, T, 1.0f, column, dv, C3);
+  }
+  if (j0 < T) {
+    ColumnsTimesMatrix<1>(da, T, scratch0, hs, j0, T, scale, column, dk, C3);
+    ColumnsTimesMatrix<1>(a, T, scratch1, hs, j0, T, 1.0f, column, dv, C3);
   }
 }
 #endif  // SPOTRAIN_HAVE_AVX2_PATH
@@ -962,8 +987,12 @@ void AttentionBackward(const CpuContext& ctx, float* dinp, float* datt, const fl
                        const float* inp, const float* att, int B, int T, int C, int NH) {
 #if defined(SPOTRAIN_HAVE_AVX2_PATH)
   if (UseAvx2() && Avx2AttentionApplies(T, C / NH)) {
+    // Each thread reuses one [T, T] slot of datt as its dS buffer (slot = thread number),
+    // so that it stays in cache from one (b, head) to the next instead of streaming all
+    // of datt through memory.
     ParallelFor(ctx, int64_t{B} * NH, [&](int64_t bh) {
-      AttentionBackwardAvx2(dinp, datt, dout, inp, att, bh, T, C, NH);
+      float* slot = datt + int64_t{omp_get_thread_num()} * T * T;
+      AttentionBackwardAvx2(dinp, slot, dout, inp, att, bh, T, C, NH);
     });
     return;
   }
