@@ -409,15 +409,8 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
       return absl::OkStatus();
     }
     held_steps_ = trainer_->step();
-    proto::WorkerMessage done;
-    auto* d = done.mutable_step_done();
-    d->set_epoch(plan.epoch());
-    d->set_step(stats->step);
-    d->set_loss(stats->loss);
-    d->set_tokens(stats->tokens);
-    d->set_step_ms(stats->step_ms);
-    Send(done);
-
+    // Evaluate before reporting the step: the coordinator ends the run (and stops every
+    // worker) as soon as the last step is reported, so the final evaluation comes first.
     float val = -1;
     const int64_t completed = trainer_->step();
     const bool last = completed == config_.steps();
@@ -438,6 +431,7 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
                    rank, plan.world_size());
       std::fflush(options_.progress);
     }
+    if (last) PrintSummary();
     if (first_step) {
       first_step = false;
       proto::WorkerMessage report;
@@ -449,6 +443,14 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
       r->set_lost_steps(lost_steps);
       Send(report);
     }
+    proto::WorkerMessage done;
+    auto* d = done.mutable_step_done();
+    d->set_epoch(plan.epoch());
+    d->set_step(stats->step);
+    d->set_loss(stats->loss);
+    d->set_tokens(stats->tokens);
+    d->set_step_ms(stats->step_ms);
+    Send(done);
     if (stats->control_sum > 0) {
       // Every rank saw the same sum: all stop after this step and answer the Prepare.
       SPOTRAIN_LOG(Info, "epoch %d: all ranks agreed to switch after step %d", plan.epoch(),
