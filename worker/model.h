@@ -12,7 +12,9 @@
 // max_micro_batch sequences of seq_len tokens; a step allocates nothing.
 //
 // Thread-safety: a GptModel is used by one thread at a time (the trainer thread); it is not
-// internally synchronised. The kernels it calls may use ctx.threads OpenMP/BLAS threads.
+// internally synchronised. The kernels it calls may use ctx.threads OpenMP/BLAS threads;
+// results are bit-reproducible for a fixed ctx.threads (OpenBLAS rounds differently with
+// one thread and with several, see kernels/cpu/ops.h).
 #ifndef SPOTRAIN_WORKER_MODEL_H_
 #define SPOTRAIN_WORKER_MODEL_H_
 

@@ -5,9 +5,10 @@
 // instance (SSE4.2 or any target's 128-bit vectors, as the build's -march allows) and an
 // 8-lane instance in functions marked target("avx2,fma"), chosen at run time when the CPU
 // has AVX2 and FMA (see SetCpuIsa). softmax and GELU use an in-house exp() (a Cephes-style
-// polynomial) so that they vectorise. Attention on AVX2 is a hand-blocked kernel per
-// (batch, head) that skips the causal upper triangle; elsewhere (baseline ISA, or shapes
-// it does not cover) it is sgemm per (batch, head) and block of query rows.
+// polynomial) so that they vectorise. Attention on AVX2 is a register-blocked kernel per
+// (batch, head) on operands packed into cache-friendly panels, skipping the causal upper
+// triangle (in blocks of 8 keys); elsewhere (baseline ISA, or shapes it does not cover) it
+// is sgemm per (batch, head) and block of 32 query rows.
 //
 // Determinism. At a given ISA level, every output element is computed by exactly one
 // thread with the same sequence of floating-point operations whatever the thread count:
@@ -23,9 +24,9 @@
 // Hence the non-BLAS kernels are bit-identical for any ctx.threads. The two ISA levels
 // differ in the last bits (vector width changes the order of row reductions, and FMA
 // rounds once), as different OpenBLAS kernels do on different CPUs. The linear layers'
-// sgemm calls run with ctx.threads OpenBLAS threads; OpenBLAS splits a product over blocks
-// of the output, not over the inner dimension, so in practice those results are also
-// thread-count independent, but that is OpenBLAS's property, not a guarantee of this file.
+// sgemm calls run with ctx.threads OpenBLAS threads, and OpenBLAS 0.3.21's results do
+// change in the last bits between one and several threads (checked on every operand
+// layout used here).
 #include <cblas.h>
 #include <omp.h>
 

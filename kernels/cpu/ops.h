@@ -10,10 +10,14 @@
 //
 // Threading: every kernel takes a CpuContext; work is split over ctx.threads OpenMP threads
 // by output element, each output computed by exactly one thread in a fixed order, so the
-// result is bit-identical whatever the thread count (matrix products go to OpenBLAS, pinned
-// to ctx.threads). Kernels are reentrant; distinct calls may run concurrently on distinct
-// buffers (OpenBLAS's thread count is process-wide, so concurrent calls with different
-// ctx.threads only affect each other's speed).
+// result is bit-identical whatever the thread count. The exception is the linear layers'
+// matrix products (MatmulForward/Backward), which go to OpenBLAS with ctx.threads threads:
+// with more than one thread OpenBLAS changes the last bits (measured with 0.3.21), so a
+// run is reproducible bit for bit only at a fixed thread count. Kernels are reentrant;
+// distinct calls may run concurrently on distinct buffers (OpenBLAS's thread count is
+// process-wide, so concurrent calls with different ctx.threads only affect each other's
+// speed). With ctx.threads > 1 two thread pools (OpenMP's and OpenBLAS's) alternate and
+// both spin while idle: run with OMP_WAIT_POLICY=passive, or one thread per process.
 //
 // Instruction sets: the non-BLAS kernels have a baseline path (the build's target ISA) and
 // an AVX2+FMA path chosen at run time on CPUs that have it (see SetCpuIsa). Each path is
