@@ -12,15 +12,21 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/file_util.h"
 #include "common/logging.h"
 #include "common/run_config.h"
 #include "common/status_macros.h"
+#include "worker/checkpoint.h"
 #include "worker/gloo_communicator.h"
 #include "worker/progress.h"
 #include "worker/trainer.h"
 
 namespace spotrain::worker {
 namespace {
+
+// Control values summed in-band: the plan-pending count in the low part, checkpoint requests
+// in multiples of this (more ranks than this never exist in one group).
+constexpr int64_t kCheckpointFlag = 1 << 16;
 
 double MsSince(absl::Time t) { return absl::ToDoubleMilliseconds(absl::Now() - t); }
 
@@ -109,7 +115,7 @@ class Mailbox {
     return value;
   }
 
-  enum class Event { kNone, kStop, kPrepare, kPlan, kSessionLost };
+  enum class Event { kNone, kStop, kPrepare, kPlan };
   struct Next {
     Event event = Event::kNone;
     PrepareInfo prepare;
@@ -125,7 +131,7 @@ class Mailbox {
     absl::MutexLock lock(&mu_);
     auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return stop_.has_value() || (prepare_.epoch > epoch && !prepare_.answered) ||
-             CurrentPlanNewerThan(epoch) || !session_alive_;
+             CurrentPlanNewerThan(epoch);
     };
     mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
     Next next;
@@ -140,8 +146,6 @@ class Mailbox {
       next.event = Event::kPlan;
       next.plan = *plan_;
       next.prepare = prepare_;
-    } else if (!session_alive_) {
-      next.event = Event::kSessionLost;
     }
     return next;
   }
@@ -198,7 +202,12 @@ class Agent {
  private:
   // Joins (retrying while the coordinator is unreachable, up to `timeout`) and opens the
   // session. Sets worker_id_ and, on the first join, config_ and trainer_.
-  absl::Status JoinAndOpenSession(absl::Duration timeout);
+  absl::Status JoinAndOpenSession(absl::Duration timeout)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(session_mu_);
+  // Re-joins unless the session is alive (or always, with `force`: after being fenced).
+  // Called by the heartbeat thread after a coordinator restart and by the training thread
+  // after a stop; serialised by session_mu_.
+  absl::Status Rejoin(absl::Duration timeout, bool force) ABSL_LOCKS_EXCLUDED(session_mu_);
   void HeartbeatLoop();
   void Send(const proto::WorkerMessage& message) { client_->Send(message); }
   void SendReady(int64_t epoch);
@@ -206,6 +215,13 @@ class Agent {
   // Runs one epoch's plan until the epoch ends (a Prepare to answer, a failure, a stop) or
   // training is complete. Errors are fatal for the process (not for the epoch).
   absl::Status ExecutePlan(const proto::Plan& plan);
+  // Builds the checkpoint writer when the run has a checkpoint dir (checks it is writable).
+  absl::Status SetUpCheckpoints();
+  // Loads the plan's checkpoint (or an older one if it is damaged) on every rank and checks
+  // that all ranks loaded the same step.
+  absl::Status RestoreFromCheckpoint(const proto::StateSource& source, Communicator& comm);
+  // Snapshots this rank's shard and writes it in the background (reported when durable).
+  void SaveCheckpoint(int64_t epoch, int rank, int world);
   void PrintSummary();
 
   const AgentOptions& options_;
@@ -215,6 +231,9 @@ class Agent {
   proto::RunConfig config_;
   uint64_t fingerprint_ = 0;
   std::unique_ptr<Trainer> trainer_;
+  // Declared after client_: destroyed first, so its callback never outlives the client.
+  std::unique_ptr<CheckpointWriter> writer_;
+  int64_t checkpoint_every_ = 0;  // fixed interval in steps; 0: only the final checkpoint
   bool holds_state_ = false;
 
   std::atomic<uint64_t> worker_id_{0};
@@ -222,13 +241,21 @@ class Agent {
   std::atomic<int64_t> held_steps_{-1};  // completed steps of our state (-1: none)
   std::atomic<bool> stopping_{false};
   std::atomic<bool> leave_notified_{false};
-  absl::Mutex session_mu_;  // serialises re-joins (heartbeat thread) with the main thread's
+  absl::Mutex session_mu_;  // serialises re-joins (heartbeat thread, training thread)
+  absl::Mutex fatal_mu_;
+  absl::Status fatal_ ABSL_GUARDED_BY(fatal_mu_);  // set by the heartbeat thread
   bool summary_printed_ = false;
   float last_val_loss_ = -1;
 };
 
-absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
+absl::Status Agent::Rejoin(absl::Duration timeout, bool force) {
   absl::MutexLock lock(&session_mu_);
+  if (!force && mailbox_.session_alive()) return absl::OkStatus();
+  client_->CloseSession();
+  return JoinAndOpenSession(timeout);
+}
+
+absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   absl::Duration backoff = absl::Milliseconds(100);
   proto::JoinResponse response;
@@ -283,7 +310,22 @@ absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
 }
 
 void Agent::HeartbeatLoop() {
+  absl::Time lost_since = absl::InfiniteFuture();
   while (!stopping_) {
+    if (!mailbox_.session_alive() && leave_.count.load() == 0) {
+      // The coordinator went away (restart, network): keep training and re-join in the
+      // background, so that a restarted coordinator finds its members again.
+      if (lost_since == absl::InfiniteFuture()) lost_since = absl::Now();
+      absl::Status st = Rejoin(absl::Seconds(2), /*force=*/false);
+      if (st.ok()) {
+        lost_since = absl::InfiniteFuture();
+      } else if (!Retryable(st) || absl::Now() - lost_since > options_.reconnect_timeout) {
+        absl::MutexLock lock(&fatal_mu_);
+        fatal_ = st;
+        return;
+      }
+      continue;
+    }
     if (leave_.count.load() > 0 && !leave_notified_.exchange(true)) {
       proto::WorkerMessage m;
       m.mutable_leave()->set_reason(leave_.reason.load());
@@ -376,10 +418,17 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     case proto::StateSource::FRESH:
       trainer_->InitFresh();
       break;
-    case proto::StateSource::CHECKPOINT:
-      return absl::UnimplementedError(
-          absl::StrCat("plan asks to load checkpoint step ", source.checkpoint_step(),
-                       " but this worker cannot restore checkpoints yet"));
+    case proto::StateSource::CHECKPOINT: {
+      absl::Status st = RestoreFromCheckpoint(source, *comm);
+      if (!st.ok()) {
+        if (absl::IsUnavailable(st) || absl::IsAborted(st)) {
+          SendCollectiveFailed(plan.epoch(), st);
+          return absl::OkStatus();
+        }
+        return st;  // no usable checkpoint, or one of another model: a person must look
+      }
+      break;
+    }
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("plan has unknown state source ", source.kind()));
@@ -392,10 +441,20 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
                plan.epoch(), rank, plan.world_size(), plan.start_step(),
                proto::StateSource::Kind_Name(source.kind()), synced_ms);
 
+  if (trainer_->step() >= config_.steps() && writer_ != nullptr &&
+      !common::PathExists(common::JoinPath(
+          StepDirectory(config_.checkpoint().dir(), trainer_->step()), "manifest.json"))) {
+    // Training is complete but the final checkpoint is not committed (e.g. the coordinator
+    // restarted before it could commit it): write it again with this epoch's ranks.
+    SaveCheckpoint(plan.epoch(), rank, plan.world_size());
+  }
   bool first_step = true;
   while (trainer_->step() < config_.steps()) {
     if (mailbox_.Interrupted(plan.epoch())) return absl::OkStatus();
-    const int64_t control = mailbox_.PlannedChangePending(plan.epoch()) ? 1 : 0;
+    // The in-band agreement channel: summed over the ranks with the step's reduction, so
+    // every rank sees the same value after the same step.
+    const int64_t control = (mailbox_.PlannedChangePending(plan.epoch()) ? 1 : 0) +
+                            (mailbox_.ConsumeCheckpointNow() ? kCheckpointFlag : 0);
     auto stats = trainer_->RunStep(*comm, control);
     if (!stats.ok()) {
       if (stats.status().code() == absl::StatusCode::kOutOfRange ||
@@ -432,6 +491,11 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
       std::fflush(options_.progress);
     }
     if (last) PrintSummary();
+    const bool checkpoint_agreed = stats->control_sum >= kCheckpointFlag;
+    if (writer_ != nullptr && (last || checkpoint_agreed ||
+                               (checkpoint_every_ > 0 && completed % checkpoint_every_ == 0))) {
+      SaveCheckpoint(plan.epoch(), rank, plan.world_size());
+    }
     if (first_step) {
       first_step = false;
       proto::WorkerMessage report;
@@ -451,7 +515,7 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     d->set_tokens(stats->tokens);
     d->set_step_ms(stats->step_ms);
     Send(done);
-    if (stats->control_sum > 0) {
+    if (stats->control_sum % kCheckpointFlag > 0) {
       // Every rank saw the same sum: all stop after this step and answer the Prepare.
       SPOTRAIN_LOG(Info, "epoch %d: all ranks agreed to switch after step %d", plan.epoch(),
                    stats->step);
@@ -459,6 +523,74 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     }
   }
   PrintSummary();
+  return absl::OkStatus();
+}
+
+absl::Status Agent::SetUpCheckpoints() {
+  const std::string& root = config_.checkpoint().dir();
+  if (root.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(common::MakeDirectories(root));
+  RETURN_IF_ERROR(common::CheckDirectoryWritable(root));
+  checkpoint_every_ = common::FixedCheckpointInterval(config_);
+  if (common::AutoCheckpointInterval(config_)) {
+    SPOTRAIN_LOG(Warning,
+                 "checkpoint.every_steps \"auto\": this worker checkpoints when the "
+                 "coordinator orders it and at the end of the run");
+  }
+  writer_ = std::make_unique<CheckpointWriter>(root, [this](const ShardWriteResult& result) {
+    proto::WorkerMessage m;
+    if (result.status.ok()) {
+      *m.mutable_shard_written() = ToShardWritten(result);
+    } else if (absl::IsAlreadyExists(result.status)) {
+      return;  // that step is already committed (a re-run after a restart)
+    } else {
+      SPOTRAIN_LOG(Warning, "checkpoint step %d not written: %s", result.step,
+                   result.status.ToString());
+      *m.mutable_shard_failed() = ToShardFailed(result);
+    }
+    Send(m);
+  });
+  return absl::OkStatus();
+}
+
+void Agent::SaveCheckpoint(int64_t epoch, int rank, int world) {
+  auto saved = writer_->Save(*trainer_, epoch, rank, world);
+  if (!saved.ok()) {
+    // The write itself is reported by the callback; this is a snapshot-side failure.
+    SPOTRAIN_LOG(Warning, "checkpoint of step %d not taken: %s", trainer_->step(),
+                 saved.status().ToString());
+    proto::WorkerMessage m;
+    m.mutable_shard_failed()->set_epoch(epoch);
+    m.mutable_shard_failed()->set_step(trainer_->step());
+    m.mutable_shard_failed()->set_error(std::string(saved.status().message()));
+    Send(m);
+  }
+}
+
+absl::Status Agent::RestoreFromCheckpoint(const proto::StateSource& source, Communicator& comm) {
+  RestoreLatestOptions options;
+  options.max_step = source.checkpoint_step();
+  auto restored = RestoreLatestCheckpoint(config_.checkpoint().dir(), *trainer_, options);
+  if (!restored.ok()) {
+    return absl::Status(restored.status().code(), absl::StrCat("cannot restore a checkpoint from ",
+                                                               config_.checkpoint().dir(), ": ",
+                                                               restored.status().message()));
+  }
+  for (const std::string& skipped : restored->skipped) {
+    SPOTRAIN_LOG(Warning, "checkpoint skipped: %s", skipped);
+  }
+  // Every rank read the same files, so they normally load the same step; check it.
+  int64_t agree[2] = {restored->step, 1};
+  RETURN_IF_ERROR(comm.AllReduceSum(agree, 2));
+  if (agree[0] != restored->step * agree[1]) {
+    return absl::DataLossError(absl::StrFormat(
+        "ranks loaded different checkpoints (this rank step %d): is the checkpoint directory "
+        "the same on every worker?",
+        restored->step));
+  }
+  SPOTRAIN_LOG(Info, "restored checkpoint step %d (written by %d ranks) in %.2f s, %d bytes",
+               restored->step, restored->source_world_size, restored->seconds,
+               restored->bytes_read);
   return absl::OkStatus();
 }
 
@@ -472,7 +604,10 @@ void Agent::PrintSummary() {
 
 absl::StatusOr<AgentResult> Agent::Run() {
   ASSIGN_OR_RETURN(client_, CoordinatorClient::Create(options_.coordinator, options_.client));
-  RETURN_IF_ERROR(JoinAndOpenSession(options_.join_timeout));
+  {
+    absl::MutexLock lock(&session_mu_);
+    RETURN_IF_ERROR(JoinAndOpenSession(options_.join_timeout));
+  }
   std::thread heartbeat([this] { HeartbeatLoop(); });
   struct JoinHeartbeat {
     Agent* agent;
@@ -484,6 +619,7 @@ absl::StatusOr<AgentResult> Agent::Run() {
     }
   } join_heartbeat{this, heartbeat};
   ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_));
+  RETURN_IF_ERROR(SetUpCheckpoints());
 
   AgentResult result;
   int rejoins = 0;
@@ -493,6 +629,10 @@ absl::StatusOr<AgentResult> Agent::Run() {
     if (leave_.count.load() > 0 && !mailbox_.session_alive()) {
       result.message = "left (announced) while the coordinator was unreachable";
       break;
+    }
+    {
+      absl::MutexLock lock(&fatal_mu_);
+      if (!fatal_.ok()) return fatal_;
     }
     Mailbox::Next next = mailbox_.Wait(executed_epoch, absl::Milliseconds(500));
     switch (next.event) {
@@ -505,14 +645,6 @@ absl::StatusOr<AgentResult> Agent::Run() {
         executed_epoch = next.plan.epoch();
         RETURN_IF_ERROR(ExecutePlan(next.plan));
         continue;
-      case Mailbox::Event::kSessionLost: {
-        if (leave_.count.load() > 0) continue;  // handled at the top of the loop
-        SPOTRAIN_LOG(Info, "re-joining the coordinator");
-        absl::Status st = JoinAndOpenSession(options_.reconnect_timeout);
-        if (!st.ok()) return st;
-        executed_epoch = 0;
-        continue;
-      }
       case Mailbox::Event::kStop:
         break;
     }
@@ -526,9 +658,7 @@ absl::StatusOr<AgentResult> Agent::Run() {
     ++rejoins;
     SPOTRAIN_LOG(Warning, "coordinator removed this worker: %s; re-joining as a newcomer",
                  stop.message());
-    client_->CloseSession();
-    RETURN_IF_ERROR(JoinAndOpenSession(options_.reconnect_timeout));
-    executed_epoch = 0;
+    RETURN_IF_ERROR(Rejoin(options_.reconnect_timeout, /*force=*/true));
   }
   result.completed_steps = holds_state_ ? held_steps_.load() : -1;
   if (result.run_done && holds_state_) result.state_digest = trainer_->StateDigest();
