@@ -12,9 +12,21 @@
 // here materialises full T x T products (twice the causal FLOPs), which the count ignores,
 // as llm.c's does.
 //
+// Every configuration also prints its loss after each step (warm-up included), so that a
+// run that diverges shows where.
+//
+// --compare-bf16 S (a diagnosis of bf16 training, no timing): an fp32 and a bf16 model side
+// by side on the same shape and batches. For each of S steps the bf16 model gets the fp32
+// model's current parameters, both compute the gradient of the same micro-batch, and the
+// relative L2 difference and cosine of every gradient tensor are printed; then only the
+// fp32 model takes its AdamW step (so both gradients are always taken at the same point).
+// A bf16 gradient that is wrong at this shape shows at step 0; one that goes wrong as the
+// weights move shows later. Needs memory for both models (about 46 GiB for 16 x 1024).
+//
 // Usage: spotrain-gpu-train [--model gpt2-124m] [--batch 16] [--seq 1024] [--steps 20]
 //          [--warmup 3] [--precision fp32,tf32,bf16] [--deterministic] [--device 0]
 //          [--peak-fp32 T] [--peak-tf32 T] [--peak-bf16 T] [--json FILE]
+//          [--compare-bf16 S]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,6 +40,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/model_presets.h"
 #include "common/status_macros.h"
@@ -51,6 +64,7 @@ struct Flags {
   int device = 0;
   double peak_fp32 = 0, peak_tf32 = 0, peak_bf16 = 0;  // TFLOP/s; 0: from the device name
   std::string json;
+  int compare_bf16 = 0;  // > 0: the --compare-bf16 diagnosis instead of the benchmark
 };
 
 void Usage() {
@@ -58,7 +72,7 @@ void Usage() {
                "usage: spotrain-gpu-train [--model gpt2-124m|gpt-small|gpt-tiny] [--batch B] "
                "[--seq T] [--steps S] [--warmup W] [--precision fp32,tf32,bf16] "
                "[--deterministic] [--device D] [--peak-fp32 TFLOPS] [--peak-tf32 TFLOPS] "
-               "[--peak-bf16 TFLOPS] [--json FILE]\n");
+               "[--peak-bf16 TFLOPS] [--json FILE] [--compare-bf16 STEPS]\n");
 }
 
 bool ParseFlags(int argc, char** argv, Flags* f) {
@@ -99,6 +113,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->peak_bf16 = std::atof(v);
     } else if (const char* v = value("--json")) {
       f->json = v;
+    } else if (const char* v = value("--compare-bf16")) {
+      f->compare_bf16 = std::atoi(v);
     } else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
       Usage();
@@ -173,8 +189,36 @@ struct Result {
   double peak = 0;    // TFLOP/s used for MFU (0: unknown)
   double mfu = 0;     // fraction
   float first_loss = 0, last_loss = 0;
+  std::vector<float> losses;  // every step's loss, warm-up included
   double device_gib = 0;
 };
+
+// A few distinct random batches, cycled: step s reads batches[s % kBatches] and predicts
+// batches[s % kBatches + 1].
+constexpr int kBatches = 4;
+std::vector<std::vector<int32_t>> RandomBatches(int64_t n, int vocab_size) {
+  std::vector<std::vector<int32_t>> tokens(kBatches + 1, std::vector<int32_t>(n));
+  std::mt19937_64 rng(42);
+  std::uniform_int_distribution<int32_t> dist(0, vocab_size - 1);
+  for (auto& b : tokens) {
+    for (int32_t& x : b) x = dist(rng);
+  }
+  return tokens;
+}
+
+// The clip factor for a global gradient norm (clip at 1, as the trainer does).
+float ClipFactor(double sum_sq) {
+  const double norm = std::sqrt(sum_sq);
+  return norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.0f;
+}
+
+std::string LossList(const std::vector<float>& losses) {
+  std::string out;
+  for (size_t i = 0; i < losses.size(); ++i) {
+    absl::StrAppendFormat(&out, "%s%.3f", i ? " " : "", losses[i]);
+  }
+  return out;
+}
 
 Result RunOne(const Flags& f, const spotrain::proto::ModelConfig& config, int T,
               const std::string& precision) {
@@ -207,15 +251,8 @@ Result RunOne(const Flags& f, const spotrain::proto::ModelConfig& config, int T,
     r.error = std::string(s.message());
     return r;
   }
-  // A few distinct random batches, cycled.
-  constexpr int kBatches = 4;
   const int64_t n = static_cast<int64_t>(f.batch) * T;
-  std::vector<std::vector<int32_t>> tokens(kBatches + 1, std::vector<int32_t>(n));
-  std::mt19937_64 rng(42);
-  std::uniform_int_distribution<int32_t> dist(0, config.vocab_size() - 1);
-  for (auto& b : tokens) {
-    for (int32_t& x : b) x = dist(rng);
-  }
+  const std::vector<std::vector<int32_t>> tokens = RandomBatches(n, config.vocab_size());
 
   std::vector<double> times_ms;
   const int total = f.warmup + f.steps;
@@ -228,8 +265,7 @@ Result RunOne(const Flags& f, const spotrain::proto::ModelConfig& config, int T,
       RETURN_IF_ERROR(model.ZeroGrads());
       ASSIGN_OR_RETURN(loss, model.ForwardBackward(inputs.data(), targets.data(), f.batch, 1.0f));
       ASSIGN_OR_RETURN(const double sum_sq, model.GradSumOfSquares());
-      const double norm = std::sqrt(sum_sq);
-      const float clip = norm > 1.0 ? static_cast<float>(1.0 / (norm + 1e-6)) : 1.0f;
+      const float clip = ClipFactor(sum_sq);
       RETURN_IF_ERROR(model.AdamWStep({6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, clip, step + 1}));
       return model.Synchronize();
     }();
@@ -244,6 +280,7 @@ Result RunOne(const Flags& f, const spotrain::proto::ModelConfig& config, int T,
     }
     if (step == 0) r.first_loss = loss;
     r.last_loss = loss;
+    r.losses.push_back(loss);
     if (step >= f.warmup) {
       times_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
@@ -263,6 +300,84 @@ Result RunOne(const Flags& f, const spotrain::proto::ModelConfig& config, int T,
   r.mfu = r.peak > 0 ? r.tflops / r.peak : 0;
   r.ok = true;
   return r;
+}
+
+// --compare-bf16: see the header comment. Returns the process exit code.
+int CompareBf16(const Flags& f, const spotrain::proto::ModelConfig& config, int T) {
+  CudaModelOptions options;
+  options.device = f.device;
+  options.deterministic = f.deterministic;
+  auto fail = [](const std::string& what, const absl::Status& s) {
+    std::printf("compare-bf16 FAILED: %s: %s\n", what.c_str(), std::string(s.message()).c_str());
+    return 1;
+  };
+  auto fp32_or = CudaGptModel::Create(config, f.batch, T, options);
+  if (!fp32_or.ok()) return fail("fp32 model", fp32_or.status());
+  options.precision = CudaPrecision::kBf16;
+  auto bf16_or = CudaGptModel::Create(config, f.batch, T, options);
+  if (!bf16_or.ok()) return fail("bf16 model", bf16_or.status());
+  CudaGptModel& fp32 = **fp32_or;
+  CudaGptModel& bf16 = **bf16_or;
+  std::vector<float> params = InitParams(fp32, config);
+  if (auto s = fp32.CopyParamsFromHost(params.data()); !s.ok()) return fail("init", s);
+  const int64_t n = static_cast<int64_t>(f.batch) * T;
+  const std::vector<std::vector<int32_t>> tokens = RandomBatches(n, config.vocab_size());
+  std::vector<float> g32(static_cast<size_t>(fp32.num_parameters()));
+  std::vector<float> g16(g32.size());
+  std::printf(
+      "compare-bf16: %d steps, batch %d x %d, %s mode; gradients of the same parameters "
+      "and batch, bf16 vs fp32\n",
+      f.compare_bf16, f.batch, T, f.deterministic ? "deterministic" : "fast");
+  int worst_step = -1;
+  double worst_rel = 0;
+  for (int step = 0; step < f.compare_bf16; ++step) {
+    const auto& inputs = tokens[step % kBatches];
+    const auto& targets = tokens[step % kBatches + 1];
+    if (auto s = fp32.CopyParamsToHost(params.data()); !s.ok()) return fail("params", s);
+    if (auto s = bf16.CopyParamsFromHost(params.data()); !s.ok()) return fail("params", s);
+    float loss32 = 0, loss16 = 0;
+    double sq32 = 0, sq16 = 0;
+    const absl::Status s = [&]() -> absl::Status {
+      RETURN_IF_ERROR(fp32.ZeroGrads());
+      ASSIGN_OR_RETURN(loss32, fp32.ForwardBackward(inputs.data(), targets.data(), f.batch, 1.0f));
+      ASSIGN_OR_RETURN(sq32, fp32.GradSumOfSquares());
+      RETURN_IF_ERROR(fp32.CopyGradsToHost(g32.data()));
+      RETURN_IF_ERROR(bf16.ZeroGrads());
+      ASSIGN_OR_RETURN(loss16, bf16.ForwardBackward(inputs.data(), targets.data(), f.batch, 1.0f));
+      ASSIGN_OR_RETURN(sq16, bf16.GradSumOfSquares());
+      return bf16.CopyGradsToHost(g16.data());
+    }();
+    if (!s.ok()) return fail(absl::StrFormat("step %d", step), s);
+    std::printf("step %d: loss fp32 %.4f bf16 %.4f; grad norm fp32 %.4e bf16 %.4e\n", step, loss32,
+                loss16, std::sqrt(sq32), std::sqrt(sq16));
+    for (const CudaGptModel::TensorInfo& t : fp32.tensors()) {
+      double diff = 0, n32 = 0, n16 = 0, dot = 0;
+      for (int64_t i = t.offset; i < t.offset + t.size; ++i) {
+        const double a = g32[i], b = g16[i];
+        diff += (a - b) * (a - b);
+        n32 += a * a;
+        n16 += b * b;
+        dot += a * b;
+      }
+      const double rel = n32 > 0 ? std::sqrt(diff / n32) : std::sqrt(diff);
+      const double cosine = n32 > 0 && n16 > 0 ? dot / std::sqrt(n32 * n16) : 0.0;
+      std::printf("  %-9s relative L2 %.2e  cosine %.6f  norm fp32 %.3e bf16 %.3e%s\n",
+                  t.name.c_str(), rel, cosine, std::sqrt(n32), std::sqrt(n16),
+                  rel > 0.05 ? "  <-- off" : "");
+      if (rel > worst_rel) {
+        worst_rel = rel;
+        worst_step = step;
+      }
+    }
+    std::fflush(stdout);
+    if (auto st = fp32.AdamWStep({6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, ClipFactor(sq32), step + 1});
+        !st.ok()) {
+      return fail("AdamW", st);
+    }
+  }
+  std::printf("compare-bf16 done: worst tensor relative L2 %.2e (step %d)%s\n", worst_rel,
+              worst_step, worst_rel > 0.05 ? ": bf16 gradients are OFF at this shape" : "");
+  return 0;
 }
 
 }  // namespace
@@ -290,6 +405,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int T = f.seq > 0 ? f.seq : config->max_seq_len();
+  if (f.compare_bf16 > 0) {
+    std::printf("device: %s\nmodel: %s, batch %d x %d tokens, random tokens\n", desc->c_str(),
+                f.model.c_str(), f.batch, T);
+    return CompareBf16(f, *config, T);
+  }
   std::printf("device: %s\n", desc->c_str());
   std::printf(
       "model: %s (%lld params incl. padded vocab), batch %d x %d tokens, %d timed steps "
@@ -315,6 +435,7 @@ int main(int argc, char** argv) {
     } else {
       std::printf("%-5s FAILED: %s\n", p.c_str(), r.error.c_str());
     }
+    if (!r.losses.empty()) std::printf("%-5s losses: %s\n", p.c_str(), LossList(r.losses).c_str());
     std::fflush(stdout);
     results.push_back(r);
   }
@@ -347,9 +468,12 @@ int main(int argc, char** argv) {
                  "{\"precision\": \"%s\", \"ok\": %s, \"error\": \"%s\", \"ms_per_step\": %.3f, "
                  "\"ms_median\": %.3f, \"tokens_per_s\": %.1f, \"tflops\": %.2f, "
                  "\"peak_tflops\": %.1f, \"mfu\": %.4f, \"first_loss\": %.4f, "
-                 "\"last_loss\": %.4f, \"device_gib\": %.2f}",
+                 "\"last_loss\": %.4f, \"device_gib\": %.2f, \"losses\": [%s]}",
                  r.precision, r.ok ? "true" : "false", JsonEscape(r.error), r.ms_mean, r.ms_median,
-                 r.tokens_per_s, r.tflops, r.peak, r.mfu, r.first_loss, r.last_loss, r.device_gib);
+                 r.tokens_per_s, r.tflops, r.peak, r.mfu, r.first_loss, r.last_loss, r.device_gib,
+                 absl::StrJoin(r.losses, ", ", [](std::string* out, float x) {
+                   absl::StrAppendFormat(out, "%.4f", x);
+                 }));
     }
     out << "]}\n";
   }

@@ -6,9 +6,14 @@
 #   2. GPT-2 124M training throughput on one GPU, fp32 / tf32 / bf16, uniformly random tokens
 #      (no dataset): ms/step, tokens/s, MFU by llm.c's 6N + 6LCT FLOPs per token against the
 #      GPU's dense peak for that arithmetic (H100 SXM: fp32 67, tf32 495, bf16 989 TFLOP/s);
-#   3. (SPOTRAIN_GPU_SANITIZE=1) the kernel tests under compute-sanitizer memcheck;
-# then prints a summary table last. Full logs go to DIR (at most 7 files: env.txt,
-# tests.log, bench.log, bench.json, sanitize.log, summary.md).
+#   3. (SPOTRAIN_GPU_BF16_DIAG=1, the default; about a minute) a diagnosis of bf16 training,
+#      which diverged on the first H100 run (docs/gpu-results.md): bf16 vs fp32 gradients on
+#      the benchmark's shape along the fp32 trajectory (spotrain-gpu-train --compare-bf16),
+#      then short bf16 and fp32 training runs at smaller shapes and in deterministic mode, to
+#      tell a shape effect (B, T) from a many-steps effect and from cuBLAS atomics;
+#   4. (SPOTRAIN_GPU_SANITIZE=1) the kernel tests under compute-sanitizer memcheck;
+# then prints a summary table last. Full logs go to DIR (at most 8 files: env.txt,
+# tests.log, bench.log, bench.json, bf16_diag.log, sanitize.log, summary.md, build.log).
 #
 #   tests/gpu/run.sh DIR
 # Binaries come from, in order:
@@ -162,7 +167,30 @@ timeout --kill-after=10 "$bench_timeout" "$bench" --model gpt2-124m \
 bench_rc=$?
 tail -n +1 "$out/bench.log" | grep -E '^(device|model|peaks|fp32|tf32|bf16) ' || true
 
-# ---- 3. optional: compute-sanitizer ---------------------------------------------------------
+# ---- 3. bf16 diagnosis -----------------------------------------------------------------------
+diag_rc=0
+if [[ ${SPOTRAIN_GPU_BF16_DIAG:-1} == 1 ]]; then
+  diag_timeout=${SPOTRAIN_DIAG_TIMEOUT:-120}
+  : >"$out/bf16_diag.log"
+  diag() {  # diag ARGS...: one spotrain-gpu-train run, appended to bf16_diag.log
+    echo "=== spotrain-gpu-train $*" >>"$out/bf16_diag.log"
+    timeout --kill-after=10 "$diag_timeout" "$bench" --model gpt2-124m "$@" \
+      >>"$out/bf16_diag.log" 2>&1 </dev/null
+    local rc=$?
+    ((rc != 0)) && { echo "=== exit $rc" >>"$out/bf16_diag.log"; diag_rc=1; }
+    return 0
+  }
+  log "bf16 diagnosis (gradients bf16 vs fp32 at 16 x 1024, short runs at other shapes)"
+  diag --batch 16 --seq 1024 --compare-bf16 5
+  diag --batch 16 --seq 1024 --compare-bf16 2 --deterministic
+  diag --batch 16 --seq 1024 --steps 20 --warmup 0 --precision bf16 --deterministic
+  diag --batch 1 --seq 1024 --steps 20 --warmup 0 --precision fp32,bf16
+  diag --batch 16 --seq 64 --steps 20 --warmup 0 --precision fp32,bf16
+  diag --batch 1 --seq 64 --steps 20 --warmup 0 --precision fp32,bf16
+  grep -E '^(===|compare-bf16 done|step [0-9]+:|(fp32|bf16) +(ok|FAILED|losses)|.*<-- off)' "$out/bf16_diag.log" || true
+fi
+
+# ---- 4. optional: compute-sanitizer ---------------------------------------------------------
 if [[ ${SPOTRAIN_GPU_SANITIZE:-0} == 1 ]]; then
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   ops_test=""
@@ -199,6 +227,15 @@ fi
     tail -5 "$out/bench.log"
   fi
   sed -n '/^| precision/,$p' "$out/bench.log"
+  if [[ -s $out/bf16_diag.log ]]; then
+    echo
+    echo "bf16 diagnosis (bf16_diag.log$([[ $diag_rc == 0 ]] || echo ", SOME RUNS FAILED")):"
+    echo
+    echo '```'
+    grep -E '^(===|compare-bf16 done|step [0-9]+:|(fp32|bf16) +(ok|FAILED|losses)|.*<-- off)' "$out/bf16_diag.log" |
+      sed -E 's/ \(median [^)]*\)//'
+    echo '```'
+  fi
 } >"$out/summary.md"
 log "done; logs in $out"
 echo
