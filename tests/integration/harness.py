@@ -273,3 +273,32 @@ def run_scenarios(scenarios, argv):
             print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def final_val_loss(text):
+    """The final val loss of a worker's output ("done | steps N | final val loss X | ..."),
+    or None when it printed no summary line."""
+    m = re.findall(r"^done \| steps \d+ \| final val loss ([0-9.eE+-]+|nan|inf)", text, re.M)
+    return float(m[-1]) if m else None
+
+
+def step_times_ms(text):
+    """(step, ms/step) of every progress line of a worker's output, in order."""
+    return [(int(m.group(1)), float(m.group(2))) for m in re.finditer(
+        r"^step (\d+)/\d+ \|.*?\| ([0-9.]+) ms/step", text, re.M)]
+
+
+def standalone_result(config, workdir):
+    """Runs the standalone worker on `config`; returns {"digest", "val_loss", "output"}."""
+    path = os.path.join(workdir, "standalone.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    out = subprocess.run([os.path.join(BIN, "spotrain-worker"), "--config", path],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise TestFailure("standalone run failed:\n" + out.stderr[-3000:])
+    m = re.findall(r"state_digest ([0-9a-f]{64})", out.stdout)
+    loss = final_val_loss(out.stdout)
+    if not m or loss is None:
+        raise TestFailure("standalone run printed no summary line:\n" + out.stdout[-2000:])
+    return {"digest": m[-1], "val_loss": loss, "output": out.stdout}
