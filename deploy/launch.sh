@@ -114,6 +114,13 @@ while (($#)); do
     --watch) watch=1; shift; continue ;;
     --keep-going) keep_going=1; shift; continue ;;
   esac
+  case $opt in
+    --hosts | --hosts-file | --coordinator-host | --coordinator-address | --remote-cmd | \
+      --config | --run | --shared-dir | --state-dir | --pid-dir | --bin-dir | --port | \
+      --metrics-port | --token-file | --worker-args | --coordinator-args | --watch-interval | \
+      --timeout) ;;
+    *) die_usage "unknown option $opt" ;;
+  esac
   (($# >= 2)) || die_usage "$opt needs a value"
   val=$2
   case $opt in
