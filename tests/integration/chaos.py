@@ -289,6 +289,7 @@ class _Run:
         self.skipped = 0
         self.auto_names = 0
         self.stragglers = []
+        self.corrupted = None
 
     def note(self, message):
         line = f"{time.monotonic() - self.t0:7.1f}s {message}"
@@ -524,7 +525,14 @@ class _Run:
                                     f"standalone {want:.4f} by more than 2%")
         if problems:
             raise TestFailure("; ".join(problems))
-        recoveries = [e.get("cause") for e in c.events()]
+        if self.corrupted and not any(
+                "checkpoint skipped" in p.output() and os.path.basename(self.corrupted) in
+                p.output() for p in c.workers.values()):
+            raise TestFailure(f"no worker reported the corrupted shard {self.corrupted} as "
+                              "skipped")
+        events = c.events()
+        recoveries = [e.get("cause") for e in events]
+        restores = sum(1 for e in events if "checkpoint" in str(e.get("state_source", "")))
         fired = len(self.schedule["events"]) - self.skipped
         if self.runner.mode == "deterministic":
             what = f"{len(digests)} digest(s) = standalone {reference['digest'][:12]}"
@@ -533,7 +541,8 @@ class _Run:
                     f"standalone {reference['val_loss']:.4f}")
         late = f", stragglers killed: {','.join(self.stragglers)}" if self.stragglers else ""
         return (f"{fired}/{len(self.schedule['events'])} events fired, "
-                f"{len(recoveries)} epochs ({','.join(sorted(set(recoveries)))}), {what}{late}")
+                f"{len(recoveries)} epochs ({','.join(sorted(set(recoveries)))}; "
+                f"{restores} from a checkpoint), {what}{late}")
 
 
 # ----------------------------------------------------------------------------- main
