@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -17,6 +18,7 @@ namespace {
 constexpr uint64_t kWorkerIdBlock = 1024;  // ids reserved per journal record
 constexpr size_t kMaxName = 256;
 constexpr size_t kPlanHistory = 64;
+constexpr size_t kCompactPlanMembers = 256;
 constexpr absl::Duration kForgetAfter = absl::Minutes(10);
 constexpr absl::Duration kTokenWindow = absl::Seconds(30);
 constexpr absl::Duration kEventGrace = absl::Seconds(10);
@@ -41,6 +43,8 @@ bool IsRecoveryCause(const std::string& cause) {
 std::string AppendDetail(const std::string& a, const std::string& b) {
   if (a.empty()) return b;
   if (b.empty()) return a;
+  // Mass losses would make one events.jsonl line huge: keep the first ones.
+  if (a.size() > 1000) return absl::EndsWith(a, " ...") ? a : absl::StrCat(a, "; ...");
   return absl::StrCat(a, "; ", b);
 }
 
@@ -393,7 +397,11 @@ absl::Status Membership::OnMessage(uint64_t worker_id, const proto::WorkerMessag
       break;
   }
   if (!status.ok()) Reject(worker_id, status, actions);
-  Reconcile(actions);
+  // Heartbeats and progress reports are most of the traffic and never start or finish a
+  // preparation by themselves (Reconcile is O(workers); Tick runs it anyway).
+  const bool routine =
+      message.has_heartbeat() || message.has_step_done() || message.has_recovery_report();
+  if (!routine || loss_detected_) Reconcile(actions);
   return status;
 }
 
@@ -466,8 +474,7 @@ absl::Status Membership::OnReady(WorkerInfo& w, const proto::Ready& m, Actions* 
                                               prep_ ? absl::StrCat("preparing ", prep_->epoch)
                                                     : std::string("nothing is being prepared")));
   }
-  if (std::find(prep_->candidates.begin(), prep_->candidates.end(), w.id) ==
-      prep_->candidates.end()) {
+  if (w.prepared_epoch != prep_->epoch) {
     return absl::FailedPreconditionError(
         absl::StrFormat("worker %d is not a candidate of epoch %d", w.id, m.epoch()));
   }
@@ -932,6 +939,7 @@ void Membership::StartPreparation(bool immediate, const std::string& cause,
   SPOTRAIN_LOG(Info, "preparing epoch %d (%s, %s): %d candidate(s)%s", epoch, cause,
                immediate ? "immediate" : "at the next agreed step", candidates.size(),
                full_detail.empty() ? "" : absl::StrCat("; ", full_detail));
+  for (uint64_t id : candidates) Find(id)->prepared_epoch = epoch;
   proto::CoordinatorMessage prepare;
   prepare.mutable_prepare()->set_epoch(epoch);
   prepare.mutable_prepare()->set_immediate(immediate);
@@ -992,11 +1000,16 @@ void Membership::FinishPreparation(Actions* actions) {
   plan.set_start_step(decision.start_step);
   *plan.mutable_state_source() = decision.source;
   plan.set_run_fingerprint(fingerprint_);
+  // Every member gets the whole Plan, so its size is paid world_size times: large groups get
+  // ids and ranks only (names and addresses are informational; status has them).
+  const bool compact = members.size() > kCompactPlanMembers;
   for (size_t rank = 0; rank < members.size(); ++rank) {
     proto::Member* m = plan.add_members();
     m->set_worker_id(members[rank]->id);
-    m->set_name(members[rank]->name);
-    m->set_address(members[rank]->address);
+    if (!compact) {
+      m->set_name(members[rank]->name);
+      m->set_address(members[rank]->address);
+    }
     m->set_rank(static_cast<int32_t>(rank));
   }
   const int64_t lost = std::max<int64_t>(0, run_completed_ - decision.start_step);

@@ -116,6 +116,7 @@ class Membership {
     uint64_t fingerprint = 0;
     int64_t epoch = 0;  // epoch it is active in (0: none)
     int32_t rank = -1;
+    int64_t prepared_epoch = 0;  // epoch of the last Prepare it was sent
     int64_t leave_deadline_unix_ms = 0;
     std::string leave_reason;
   };
@@ -149,6 +150,9 @@ class Membership {
   // The caller wrote (or failed to write) the manifest of `checkpoint`.
   void OnCheckpointCommitted(const ReadyCheckpoint& checkpoint, const absl::Status& written,
                              Actions* actions);
+
+  // Writes out the event of the current plan with whatever timeline is known (shutdown).
+  void FlushEvents(Actions* actions) { FinalizeEvent(actions); }
 
   // kAborted for an epoch older than the current plan's, kFailedPrecondition for one that
   // was never prepared.

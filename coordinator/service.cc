@@ -15,6 +15,7 @@ namespace {
 
 constexpr size_t kMaxQueuedWrites = 4096;
 constexpr int kMaxKvWaitMs = 300000;
+constexpr absl::Duration kMembershipTick = absl::Milliseconds(100);
 
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
@@ -216,6 +217,9 @@ void CoordinatorService::BeginShutdown() {
       FinishWaiter(token, nullptr,
                    grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down"));
     }
+    Actions actions;
+    membership_->FlushEvents(&actions);
+    Apply(actions);
     (void)journal_->Compact();
     done.Notify();
   });
@@ -548,10 +552,15 @@ void CoordinatorService::Apply(Actions& actions) {
 }
 
 void CoordinatorService::Tick() {
-  Actions actions;
-  membership_->Tick(&actions);
-  Apply(actions);
   const absl::Time now = clock_->Now();
+  // The membership scan is O(workers): every 100 ms is plenty for heartbeat timeouts of
+  // seconds. KV deadlines are checked on every tick.
+  if (now >= next_membership_tick_) {
+    Actions actions;
+    membership_->Tick(&actions);
+    Apply(actions);
+    next_membership_tick_ = now + std::max(options_.tick, kMembershipTick);
+  }
   for (uint64_t token : kv_.TakeExpired(now)) FinishWaiter(token, nullptr, grpc::Status::OK);
   if (metrics_ != nullptr && now >= next_metrics_) {
     metrics_->Update(membership_->Status(), membership_->counters());

@@ -7,7 +7,8 @@
 // state thread, which owns Membership, KvStore, the journal, the event log and the session
 // map, applies the resulting Actions in order (journal first: write-ahead) and completes
 // the RPCs. Reactions therefore never block (apart from a short queue lock); only the state
-// thread does disk I/O. The state thread also ticks every `tick` for timeouts. Each session
+// thread does disk I/O. The state thread also ticks every `tick` (KV deadlines) and runs the
+// membership's timeouts every 100 ms. Each session
 // reads one message at a time: the next read starts after the state thread has handled the
 // previous one (natural back-pressure). Outgoing messages are queued per session under the
 // session's own mutex.
@@ -122,6 +123,7 @@ class CoordinatorService final : public CoordinatorServiceBase {
   std::set<SessionReactor*> sessions_;
   std::map<uint64_t, SessionReactor*> by_worker_;
   absl::Time next_metrics_ = absl::InfinitePast();
+  absl::Time next_membership_tick_ = absl::InfinitePast();
 
   std::atomic<bool> shutting_down_{false};
   absl::Mutex queue_mu_;
