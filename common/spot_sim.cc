@@ -317,6 +317,9 @@ absl::Status ValidateJobSpec(const JobSpec& job) {
   if (!non_negative(job.restart_overhead_s)) {
     return Invalid("restart_overhead_s", "must be >= 0");
   }
+  if (job.min_gpus < 1 || job.min_gpus > job.gpus) {
+    return Invalid("min_gpus", absl::StrFormat("must be in 1..gpus (%d)", job.gpus));
+  }
   if (!non_negative(job.max_wall_s)) return Invalid("max_wall_s", "must be >= 0");
   return absl::OkStatus();
 }
@@ -325,9 +328,9 @@ namespace {
 
 // The discrete-event simulation of one job. Between events the job is in one of three
 // states: running (progress at `live` GPU-seconds per second), stalled (instances up and
-// paid, no progress: a checkpoint, a recovery or a restart, until busy_until_), or waiting
-// (no instance). Events: capacity changes, the end of a stall, a checkpoint falling due and
-// the end of the work.
+// paid, no progress: a checkpoint, a recovery, a restart, or fewer than min_gpus live), or
+// waiting (no instance). Events: capacity changes, the end of a stall, a checkpoint falling
+// due and the end of the work.
 class JobSimulation {
  public:
   JobSimulation(const JobSpec& job, Recovery recovery, double interval_s, CapacityProcess capacity)
@@ -338,9 +341,8 @@ class JobSimulation {
     const double horizon =
         job_.max_wall_s > 0 ? job_.max_wall_s : std::max(50 * ideal, ideal + 7 * 24 * kHour);
     live_ = capacity_.live();
-    started_ = live_ > 0;
     while (true) {
-      const bool running = live_ > 0 && t_ >= busy_until_;
+      const bool running = Running();
       const double t_capacity = capacity_.next_time_s();
       const double t_busy = live_ > 0 && busy_until_ > t_ ? busy_until_ : kInf;
       const double t_finish = running ? t_ + (job_.work_gpu_s - progress_) / live_ : kInf;
@@ -352,6 +354,7 @@ class JobSimulation {
       const double dt = next - t_;
       result_.paid_gpu_s += live_ * dt;
       if (running) {
+        ever_ran_ = true;
         progress_ += live_ * dt;
         since_checkpoint_ += dt;
       } else if (live_ > 0) {
@@ -380,9 +383,7 @@ class JobSimulation {
   }
 
  private:
-  bool Running() const { return live_ > 0 && t_ >= busy_until_; }
-  // Work the live instances would do in `seconds` of running.
-  double WorkIn(double seconds, int live) const { return seconds * live; }
+  bool Running() const { return live_ >= job_.min_gpus && t_ >= busy_until_ && !needs_restore_; }
 
   void StartCheckpoint() {
     since_checkpoint_ = 0;
@@ -396,12 +397,13 @@ class JobSimulation {
     busy_until_ = t_ + job_.checkpoint_cost_s;
   }
 
-  // Rolls back to the last committed checkpoint, or, with enough notice, checkpoints first
-  // (losing only the work the checkpoint's stall displaced).
-  void RollBack(int live_before, bool announced) {
+  // Rolls back to the last committed checkpoint. With `checkpoint_first` and a notice long
+  // enough to write one, the job checkpoints just before the loss instead and loses only
+  // the work that checkpoint's stall displaced.
+  void RollBack(int live_before, bool checkpoint_first) {
     double lost = progress_ - committed_;
-    if (announced && job_.notice_s >= job_.checkpoint_cost_s && lost > 0) {
-      lost = std::min(lost, WorkIn(job_.checkpoint_cost_s, live_before));
+    if (checkpoint_first && job_.notice_s >= job_.checkpoint_cost_s && lost > 0) {
+      lost = std::min(lost, job_.checkpoint_cost_s * live_before);
       committed_ = progress_ - lost;
       ++result_.emergency_checkpoints;
     }
@@ -419,22 +421,35 @@ class JobSimulation {
     if (now < before) {
       ++result_.loss_events;
       result_.losses += before - now;
-      if (now == 0) {
-        ++result_.wipes;
-        RollBack(before, /*announced=*/true);
-        busy_until_ = t_;  // nothing to wait for but capacity
-        return;
+      if (now == 0) ++result_.wipes;
+    } else {
+      ++result_.return_events;
+    }
+    if (recovery_ == Recovery::kRestart) {
+      // torchrun: any change, loss or join, stops every worker (no notice handling); they
+      // start again from the last checkpoint once at least min_gpus are there.
+      RollBack(before, /*checkpoint_first=*/false);
+      busy_until_ = t_;
+      if (live_ >= job_.min_gpus && ever_ran_) {
+        ++result_.restarts;
+        const double restore = committed_ > 0 ? job_.restore_cost_s : 0;
+        busy_until_ = t_ + job_.restart_overhead_s + restore;
       }
-      if (recovery_ == Recovery::kRestart) {
-        Restart(before, /*announced=*/true);
-        return;
-      }
-      // Peer recovery: the survivors redo the interrupted step, unless the notice let the
-      // leaver finish it and leave at the boundary.
+      return;
+    }
+    // Peer recovery.
+    if (now == 0) {  // a full wipe: nobody holds the state any more
+      RollBack(before, /*checkpoint_first=*/true);
+      needs_restore_ = true;
+      busy_until_ = t_;
+      return;
+    }
+    if (now < before) {
+      // The survivors redo the interrupted step, unless the notice let the leaver finish it
+      // and leave at its end.
       const double step_now = job_.step_s * job_.gpus / before;
       if (was_running && !(job_.notice_s > 0 && job_.notice_s >= step_now)) {
-        const double step_work = job_.step_s * job_.gpus;
-        const double lost = std::fmod(progress_, step_work);
+        const double lost = std::fmod(progress_, job_.step_s * job_.gpus);
         progress_ -= lost;
         result_.lost_gpu_s += lost;
       }
@@ -442,32 +457,17 @@ class JobSimulation {
       busy_until_ = std::max(busy_until_, t_ + job_.peer_recovery_s);
       return;
     }
-    ++result_.return_events;
-    if (before == 0) {
-      if (!started_) {  // the job's first instances: nothing to restore
-        started_ = true;
-        busy_until_ = t_;
-        return;
-      }
-      const double restore = committed_ > 0 ? job_.restore_cost_s : 0;
+    if (needs_restore_) {
+      if (live_ < job_.min_gpus) return;
+      needs_restore_ = false;
       ++result_.restarts;
-      busy_until_ = t_ + restore +
-                    (recovery_ == Recovery::kPeer ? job_.peer_recovery_s : job_.restart_overhead_s);
+      const double restore = committed_ > 0 ? job_.restore_cost_s : 0;
+      busy_until_ = t_ + restore + (ever_ran_ ? job_.peer_recovery_s : 0);
       return;
     }
-    if (recovery_ == Recovery::kRestart) {
-      Restart(before, /*announced=*/false);  // torchrun restarts every worker on a join
-      return;
-    }
+    if (!ever_ran_) return;     // the job's first instances arriving
     ++result_.peer_recoveries;  // joiners get the state by broadcast
     busy_until_ = std::max(busy_until_, t_ + job_.peer_recovery_s);
-  }
-
-  void Restart(int live_before, bool announced) {
-    ++result_.restarts;
-    RollBack(live_before, announced);
-    const double restore = committed_ > 0 ? job_.restore_cost_s : 0;
-    busy_until_ = t_ + job_.restart_overhead_s + restore;  // a restart starts over
   }
 
   const JobSpec job_;
@@ -477,7 +477,8 @@ class JobSimulation {
   SimResult result_;
   double t_ = 0;
   int live_ = 0;
-  bool started_ = false;
+  bool ever_ran_ = false;
+  bool needs_restore_ = false;   // peer: wiped, waiting for min_gpus to load the checkpoint
   double progress_ = 0;          // GPU-seconds of useful work done
   double committed_ = 0;         // progress in the last committed checkpoint
   double since_checkpoint_ = 0;  // running seconds since the last checkpoint started

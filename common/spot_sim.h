@@ -156,10 +156,12 @@ double IndependentWipeMtbiSeconds(int gpus, double loss_rate_per_hour, double re
 enum class Recovery {
   // spotrain: survivors carry on from memory (a loss costs the step in flight plus
   // `peer_recovery_s`; a join costs `peer_recovery_s`); only a full wipe rolls back to the
-  // last checkpoint (`restore_cost_s` + `peer_recovery_s` once capacity returns).
+  // last checkpoint (`restore_cost_s` + `peer_recovery_s` once min_gpus are back).
   kPeer,
-  // Checkpoint-restart (torchrun elastic): every membership change, loss or join, restarts
-  // every worker from the last checkpoint (`restart_overhead_s` + `restore_cost_s`).
+  // Checkpoint-restart (torchrun elastic): every membership change, loss or join, stops
+  // every worker and rolls back to the last checkpoint; they restart
+  // (`restart_overhead_s` + `restore_cost_s`) once at least min_gpus are live. No notice
+  // handling.
   kRestart,
 };
 const char* RecoveryName(Recovery recovery);  // "peer" or "restart"
@@ -175,11 +177,14 @@ struct JobSpec {
   double checkpoint_cost_s = 10;
   // Loading the last checkpoint after a rollback.
   double restore_cost_s = 30;
-  // Warning before a preemption. A notice of at least one step drains a leaving instance at
-  // a step boundary (peer: nothing lost); a notice of at least checkpoint_cost_s lets the job
-  // checkpoint before the loss when it would otherwise roll back (peer: a full wipe; restart:
-  // every loss), so that only checkpoint_cost_s of work is lost.
+  // Warning before a preemption (peer recovery only: torchrun does nothing with it). A
+  // notice of at least one step lets a leaving instance finish its step (nothing lost); a
+  // notice of at least checkpoint_cost_s turns a full wipe's rollback into a checkpoint
+  // taken just before it (only checkpoint_cost_s of work lost).
   double notice_s = 0;
+  // Fewer live instances than this: no training (torchrun's --nnodes MIN, spotrain's
+  // min_workers). Instances held meanwhile are paid. 1..gpus.
+  int min_gpus = 1;
   // Peer recovery: survivors rebuild their group and redo the interrupted step.
   double peer_recovery_s = 1;
   // Checkpoint-restart: detection, process restart and rendezvous, before the restore.

@@ -251,6 +251,37 @@ TEST(SimulateRunTest, PeerWipeRollsBackToTheCheckpoint) {
   EXPECT_LT(n.wall_s, r.wall_s);
 }
 
+TEST(SimulateRunTest, RestartIgnoresTheNotice) {
+  JobSpec job = FourGpuJob(4 * 36000);
+  const SimResult plain = Scripted(kOneLoss, job, Recovery::kRestart, 1800);
+  job.notice_s = 120;
+  const SimResult noticed = Scripted(kOneLoss, job, Recovery::kRestart, 1800);
+  EXPECT_DOUBLE_EQ(noticed.lost_gpu_s, plain.lost_gpu_s);
+  EXPECT_DOUBLE_EQ(noticed.wall_s, plain.wall_s);
+  EXPECT_EQ(noticed.emergency_checkpoints, 0);
+}
+
+TEST(SimulateRunTest, BelowMinGpusTheJobWaits) {
+  const double work = 4 * 36000 + 400;
+  JobSpec job = FourGpuJob(work);
+  job.min_gpus = 4;
+  // Restart: the loss at 3600 s rolls back to the checkpoint of 1800 s (7160 lost) and
+  // nothing runs on 3; the return at 7200 restarts (busy to 7275); (work - 7200) / 4 =
+  // 34300 s of compute with 19 checkpoints. The 3 survivors are paid while they wait.
+  const SimResult r = Scripted(kOneLoss, job, Recovery::kRestart, 1800);
+  ASSERT_TRUE(r.finished);
+  EXPECT_NEAR(r.wall_s, 7275 + 34300 + 190, 1e-6);
+  EXPECT_NEAR(r.lost_gpu_s, 7160, 1e-6);
+  EXPECT_EQ(r.restarts, 1);
+  EXPECT_NEAR(r.paid_gpu_s, 4 * 3600 + 3 * 3600 + 4 * (r.wall_s - 7200), 1e-6);
+  // Peer: the survivors keep the state while paused; the return costs one recovery.
+  const SimResult p = Scripted(kOneLoss, job, Recovery::kPeer, kInf);
+  ASSERT_TRUE(p.finished);
+  EXPECT_NEAR(p.wall_s, 7201 + (work - 4 * 3600) / 4, 1e-6);
+  EXPECT_DOUBLE_EQ(p.lost_gpu_s, 0);
+  EXPECT_EQ(p.restarts, 0);
+}
+
 TEST(SimulateRunTest, RejectsBadInput) {
   CapacityModel model;
   auto capacity = CapacityProcess::Create(model, 2, 1);
@@ -261,6 +292,10 @@ TEST(SimulateRunTest, RejectsBadInput) {
   job.gpus = 2;
   EXPECT_THAT(SimulateRun(job, Recovery::kPeer, 0, *capacity).status().message(),
               HasSubstr("interval"));
+  job.min_gpus = 3;
+  EXPECT_THAT(SimulateRun(job, Recovery::kPeer, 100, *capacity).status().message(),
+              HasSubstr("min_gpus must be in 1..gpus (2)"));
+  job.min_gpus = 1;
   job.step_s = 0;
   EXPECT_THAT(SimulateRun(job, Recovery::kPeer, 100, *capacity).status().message(),
               HasSubstr("step_seconds"));
