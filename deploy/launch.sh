@@ -347,7 +347,7 @@ if [ ! -d "\$shared_dir" ]; then
 elif [ "\$check_shared" = 0 ]; then
   :
 elif [ "\$(cat "\$run_dir/.markers/\$marker" 2>/dev/null)" != "\$marker" ]; then
-  fail "shared dir \$shared_dir is not shared with the coordinator host (the marker \$run_dir/.markers/\$marker written there is not visible here)"
+  fail "shared dir \$shared_dir is not shared with the coordinator host (a marker written there from the coordinator host is not visible here)"
 elif ! (mkdir -p "\$run_dir/logs" && : >"\$run_dir/.probe-\$label" && rm -f "\$run_dir/.probe-\$label") 2>/dev/null; then
   fail "shared dir \$shared_dir is not writable"
 fi
@@ -732,7 +732,7 @@ cat <<EOF
 == run '$run_name'
   coordinator: $coord_address:$port (on $coord_host; metrics: ${metrics_port/#0/off})
   shared dir:  $run_dir (token, config, logs/)
-  status:      SPOTRAIN_TOKEN=\$(cat $run_dir/token) spotrain status --coordinator $coord_address:$port
+  status:      spotrain status --coordinator $coord_address:$port --token-file $run_dir/token
                (on any host of the run; add --json for JSON)
   logs:        $run_dir/logs/
   stop:        $0 --stop$(stop_args)

@@ -299,6 +299,19 @@ def scenario_cluster():
                             "3 workers training")
         print(f"world 3 at step {s['step']}: {active_names(s)}", flush=True)
 
+        # The token is in a 0600 file on the shared dir, never on a command line.
+        token_path = os.path.join(run.run_dir, "token")
+        check(os.stat(token_path).st_mode & 0o777 == 0o600, "the token file is not mode 0600")
+        with open(token_path) as f:
+            token = f.read().strip()
+        for name, (ns, _) in net.hosts.items():
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        check(token.encode() not in f.read(), f"the token is on a command line in {name}")
+                except OSError:
+                    pass
+
         # A second launch of the same run starts nothing new: everything is running.
         code, out = run.launch()
         print("--- second launch.sh (everything already running):\n" + out, flush=True)
@@ -369,7 +382,9 @@ def scenario_cluster():
         events = run.events()
         sizes = [len(e.get("members_after", [])) for e in events]
         causes = [e.get("cause") for e in events]
-        print(f"events: {list(zip(causes, sizes))}", flush=True)
+        print("events (cause, world size, lost steps): "
+              f"{[(e.get('cause'), len(e.get('members_after', [])), e.get('lost_steps', 0)) for e in events]}",
+              flush=True)
         lost = [e for e in events if e.get("cause") == "lost"]
         check(len(lost) >= 2, f"expected 2 losses in events.jsonl: {causes}")
         for e in lost:
