@@ -470,6 +470,15 @@ async function main() {
     console.log("0 passed, 1 failed");
     return 1;
   }
+  // kubectl 1.14-1.20 embed kustomize v2, which lacks `patches:` (Debian 12's kubernetes-client
+  // is 1.20): ask for a newer one instead of failing on the overlays.
+  const kustomize = /Kustomize Version: v(\d+)/.exec(probe.stdout);
+  if (kustomize && Number(kustomize[1]) < 4) {
+    console.log(`FAIL: ${opts.kubectl} embeds kustomize v${kustomize[1]}; the overlays need v4 or newer ` +
+      "(kubectl 1.21 or newer)");
+    console.log("0 passed, 1 failed");
+    return 1;
+  }
   let passed = 0;
   let failed = 0;
   for (const dir of opts.dirs) {
