@@ -25,11 +25,24 @@ std::shared_ptr<const CapacityTrace> Trace(const std::string& text) {
   return std::make_shared<CapacityTrace>(trace.ok() ? *trace : CapacityTrace{});
 }
 
+// The repository root: $SPOTRAIN_SOURCE_DIR, else derived from this file's path (ctest
+// does not always pass the variable through).
+std::string SourceDir() {
+  const char* env = std::getenv("SPOTRAIN_SOURCE_DIR");
+  if (env != nullptr && *env != '\0') return env;
+  const std::string file = __FILE__;
+  const std::string suffix = "tests/unit/common/spot_sim_test.cc";
+  if (file.size() >= suffix.size() &&
+      file.compare(file.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    const std::string root = file.substr(0, file.size() - suffix.size());
+    return root.empty() ? "." : root;
+  }
+  return ".";
+}
+
 // The real 32-instance AWS trace, from the copy in the repository.
 absl::StatusOr<CapacityTrace> RealTrace() {
-  const char* source_dir = std::getenv("SPOTRAIN_SOURCE_DIR");
-  const std::string path =
-      std::string(source_dir != nullptr ? source_dir : ".") + "/examples/traces/aws-p3-spot-32.csv";
+  const std::string path = SourceDir() + "/examples/traces/aws-p3-spot-32.csv";
   auto text = ReadFile(path);
   if (!text.ok()) return text.status();
   return ParseCapacityTrace(*text, path);
