@@ -9,6 +9,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/declare.h"
@@ -121,6 +122,9 @@ absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_sourc
 
   const double rate = absl::GetFlag(FLAGS_preemption_rate);
   const std::string trace_path = absl::GetFlag(FLAGS_trace);
+  if (rate < 0 && rate != -1) {
+    return Usage("--preemption_rate must be >= 0 (preemptions per live instance-hour)");
+  }
   if ((rate >= 0) == !trace_path.empty()) {
     return Usage(
         "give the capacity as either --preemption_rate R (per instance-hour; 0: none) or "
