@@ -4,9 +4,8 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "common/flag_names.h"
+#include "common/file_util.h"
+#include "common/flags.h"
 #include "common/run_config.h"
 #include "coordinator/server.h"
 
@@ -33,11 +32,12 @@ ABSL_FLAG(bool, serve_after_done, false,
           "checkpoint is committed).");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  // --help lists the flags of this file (dashes in flag names are accepted).
+  spotrain::common::ParseFlags(
+      argc, argv,
       "the spotrain coordinator\nusage: spotrain-coordinator --config run.json --state-dir DIR "
-      "[--port P] [--metrics-port M] [--check-config]");
-  spotrain::common::NormalizeFlagNames(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+      "[--port P] [--metrics-port M] [--check-config]",
+      "coordinator/main.cc");
   const std::string config_path = absl::GetFlag(FLAGS_config);
   if (config_path.empty()) {
     std::fprintf(stderr, "spotrain-coordinator: --config is required (see --help)\n");
@@ -75,6 +75,22 @@ int main(int argc, char** argv) {
   if (options.port < 0 || options.port > 65535) {
     std::fprintf(stderr, "spotrain-coordinator: --port %d is not a port\n", options.port);
     return 2;
+  }
+  // A checkpoint directory that cannot be used stops the run before anyone trains.
+  if (auto config = spotrain::common::LoadRunConfig(config_path); !config.ok()) {
+    std::fprintf(stderr, "spotrain-coordinator: %s\n",
+                 std::string(config.status().message()).c_str());
+    return 2;
+  } else if (const std::string& dir = config->checkpoint().dir(); !dir.empty()) {
+    absl::Status usable = spotrain::common::MakeDirectories(dir);
+    if (usable.ok()) usable = spotrain::common::CheckDirectoryWritable(dir);
+    if (!usable.ok()) {
+      std::fprintf(stderr,
+                   "spotrain-coordinator: checkpoint.dir %s cannot be used: %s (create it, "
+                   "fix its permissions or choose another path)\n",
+                   dir.c_str(), std::string(usable.message()).c_str());
+      return 2;
+    }
   }
   return spotrain::coordinator::RunCoordinator(options);
 }
