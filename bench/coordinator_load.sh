@@ -32,12 +32,13 @@ echo "# heartbeat 1 Hz, heartbeat_timeout_ms 5000, steady window ${STEADY}s"
 header=--header
 for n in $NS; do
   rm -rf "$work/state"
+  : > "$work/coordinator-$n.log"
   "$COORDINATOR" --config "$work/run.json" --state-dir "$work/state" --host 127.0.0.1 --port 0 \
     > "$work/coordinator-$n.log" 2>&1 &
   cpid=$!
   port=""
   for _ in $(seq 1 200); do
-    port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$work/coordinator-$n.log")
+    port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$work/coordinator-$n.log" || true)
     [[ -n $port ]] && break
     sleep 0.05
   done
@@ -47,7 +48,7 @@ for n in $NS; do
   header=""
   kill "$cpid"; wait "$cpid" || true; cpid=""
   # The coordinator's own view of the recovery: detection -> Plan sent to every survivor.
-  sent=$(grep '"cause":"lost"' "$work/state/events.jsonl" | head -1 |
+  sent=$({ grep '"cause":"lost"' "$work/state/events.jsonl" || true; } | head -1 |
          sed -n 's/.*"plan_sent_ms":\([0-9.]*\).*/\1/p')
   echo "$row" | sed "\$s/\$/$(printf " %13s" "${sent:--}")/"
 done

@@ -447,6 +447,10 @@ absl::Status Membership::OnStepDone(WorkerInfo& w, const proto::StepDone& m, Act
       open_event_->first_step_seen == absl::InfiniteFuture()) {
     open_event_->first_step_seen = now;
     open_event_->event.first_step_ms = Ms(now - open_event_->event.detected);
+    // Workers may send their RecoveryReport before this StepDone.
+    if (static_cast<int>(open_event_->reports.size()) >= plan_.world_size()) {
+      FinalizeEvent(actions);
+    }
   }
   CheckRunDone(actions);
   return absl::OkStatus();

@@ -14,6 +14,7 @@ namespace spotrain::coordinator {
 namespace {
 
 constexpr size_t kMaxQueuedWrites = 4096;
+constexpr int kMaxUnhandledReads = 16;
 constexpr int kMaxKvWaitMs = 300000;
 constexpr absl::Duration kMembershipTick = absl::Milliseconds(100);
 
@@ -32,8 +33,24 @@ class CoordinatorService::SessionReactor final
   SessionReactor(CoordinatorService* service, std::string peer)
       : service_(service), peer_(std::move(peer)) {}
 
-  // State thread: read the next message.
-  void RequestRead() { StartRead(&in_); }
+  // Reads run ahead of the state thread by at most kMaxUnhandledReads messages per stream:
+  // the next read starts on the gRPC thread while few are waiting (no state-thread work per
+  // read), and is parked until the state thread catches up otherwise (back-pressure).
+  void StartFirstRead() { StartRead(&in_); }
+
+  // State thread: one message of this stream has been handled.
+  void MessageHandled() ABSL_LOCKS_EXCLUDED(mu_) {
+    bool resume = false;
+    {
+      absl::MutexLock lock(&mu_);
+      --unhandled_;
+      if (read_parked_ && unhandled_ < kMaxUnhandledReads && !closing_) {
+        read_parked_ = false;
+        resume = true;
+      }
+    }
+    if (resume) StartRead(&in_);
+  }
 
   // Queues a message; dropped once the stream is closing.
   void Send(const grpc::ByteBuffer& message) ABSL_LOCKS_EXCLUDED(mu_) {
@@ -88,8 +105,22 @@ class CoordinatorService::SessionReactor final
         Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed WorkerMessage"));
         return;
       }
-      service_->Post(
-          [this, message = std::move(message)] { service_->HandleSessionMessage(this, message); });
+      bool read_more = false;
+      {
+        absl::MutexLock lock(&mu_);
+        ++unhandled_;
+        if (closing_) {
+        } else if (unhandled_ < kMaxUnhandledReads) {
+          read_more = true;
+        } else {
+          read_parked_ = true;
+        }
+      }
+      service_->Post([this, message = std::move(message)] {
+        service_->HandleSessionMessage(this, message);
+        MessageHandled();
+      });
+      if (read_more) StartRead(&in_);
     } else {
       service_->Post([this] { service_->HandleSessionEnd(this, "stream ended"); });
     }
@@ -137,6 +168,8 @@ class CoordinatorService::SessionReactor final
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int unhandled_ ABSL_GUARDED_BY(mu_) = 0;
+  bool read_parked_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status status_;  // written once before finished_ is set
 };
 
@@ -320,7 +353,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* CoordinatorService:
     session->Close(auth);
     return session;
   }
-  session->RequestRead();
+  session->StartFirstRead();
   return session;
 }
 
@@ -462,7 +495,6 @@ void CoordinatorService::HandleSessionMessage(SessionReactor* session,
     }
     Apply(actions);
   }
-  if (!session->ended) session->RequestRead();
 }
 
 void CoordinatorService::HandleSessionEnd(SessionReactor* session, const std::string& why) {

@@ -9,9 +9,8 @@
 // the RPCs. Reactions therefore never block (apart from a short queue lock); only the state
 // thread does disk I/O. The state thread also ticks every `tick` (KV deadlines) and runs the
 // membership's timeouts every 100 ms. Each session
-// reads one message at a time: the next read starts after the state thread has handled the
-// previous one (natural back-pressure). Outgoing messages are queued per session under the
-// session's own mutex.
+// reads ahead of the state thread by at most a few messages (back-pressure). Outgoing messages are
+// queued per session under the session's own mutex.
 #ifndef SPOTRAIN_COORDINATOR_SERVICE_H_
 #define SPOTRAIN_COORDINATOR_SERVICE_H_
 

@@ -682,6 +682,17 @@ TEST(MembershipTest, RecoveryEventHasTimelineAndLostSteps) {
   EXPECT_EQ(e.state_source, "broadcast from rank 0");
 }
 
+TEST(MembershipTest, RecoveryEventWrittenWhenReportsPrecedeTheFirstStep) {
+  Sim sim(TestConfig());
+  sim.Run(With(kThreeRunning, {"steps 0 3 a b c", "close c", "ready a 3", "ready b 3", "report a",
+                               "report b", "step a 3"}));
+  ASSERT_FALSE(sim.events().empty());
+  EXPECT_EQ(sim.events().back().cause, "lost");
+  EXPECT_EQ(sim.events().back().epoch, 2);
+  EXPECT_GE(sim.events().back().first_step_ms, 0);
+  EXPECT_EQ(sim.m().open_event(), nullptr);
+}
+
 TEST(MembershipTest, StatusListsMembersInRankOrder) {
   Sim sim(TestConfig());
   sim.Run(With(kThreeRunning, {"steps 0 2 a b c", "advance 100", "step a 2", "start d"}));
