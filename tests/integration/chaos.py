@@ -46,7 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Cluster, TestFailure, final_val_loss, small_config, standalone_result,
-                     wait_until, write_corpus)
+                     step_times_ms, wait_until, write_corpus)
 
 ACTIONS = ("kill9", "sigterm", "sigstop", "sigcont", "join", "full_wipe", "coordinator_restart")
 EVERY = 10  # checkpoint interval of every chaos run
@@ -290,6 +290,7 @@ class _Run:
         self.auto_names = 0
         self.stragglers = []
         self.corrupted = None
+        self.wipe_losses = []
 
     def note(self, message):
         line = f"{time.monotonic() - self.t0:7.1f}s {message}"
@@ -433,6 +434,11 @@ class _Run:
             c.workers[name].wait(60)
         self.stopped.clear()
         self.note(f"full_wipe at {where}: killed {','.join(victims) or 'nobody'}")
+        # How far back the restore goes (before any corruption): the newest worker step
+        # printed against the newest committed checkpoint (the interval bounds it unless
+        # commits were missed).
+        newest_step = max((max([s for s, _ in step_times_ms(c.workers[n].output())] or [-1])
+                           for n in victims), default=-1)
         c.wait_status(lambda s: s["world_size"] == 0 or s["state"] in ("paused", "waiting")
                       or s["state"] == "done", 120, "the coordinator to notice the full wipe")
         if event.get("coordinator_restart"):
@@ -440,6 +446,11 @@ class _Run:
             c.coordinator.wait(60)
             c.start_coordinator()
             self.note("full_wipe: coordinator restarted with no worker alive")
+        committed = self.committed()
+        behind = newest_step - (committed[-1] if committed else 0)
+        self.wipe_losses.append(behind)
+        self.note(f"full_wipe: workers had reached step {newest_step}; committed checkpoints "
+                  f"{committed or 'none'} ({behind} steps to redo)")
         if event.get("corrupt_newest"):
             self.corrupt_newest()
         restart = event.get("restart", 2)
@@ -472,16 +483,40 @@ class _Run:
         self.corrupted = shard
         self.note(f"corrupt_newest: flipped byte 200 of {os.path.relpath(shard, root)}")
 
+    def wait_coordinator_exit(self, stall_s=120, limit_s=600):
+        """Waits for the coordinator to exit; fails when neither the status step nor any
+        worker's progress line moved for `stall_s` seconds (a hung run), or after limit_s."""
+        c = self.cluster
+        start = last_move = time.monotonic()
+        last = None
+        while c.coordinator.alive():
+            now = time.monotonic()
+            s = c.try_status()
+            seen = (s.get("step") if s else None, s.get("state") if s else None,
+                    self.progress())
+            if seen != last:
+                last, last_move = seen, now
+            if now - last_move > stall_s or now - start > limit_s:
+                raise TestFailure(
+                    f"the run hung: no progress for {now - last_move:.0f}s (status "
+                    f"{'step %s, state %s' % seen[:2] if s else 'unavailable'}, newest worker "
+                    f"step {seen[2]})")
+            try:
+                c.coordinator.popen.wait(timeout=0.5)
+            except Exception:
+                pass
+        return c.coordinator.popen.returncode
+
     def check(self, reference):
         """The oracle. Returns a short summary; raises TestFailure."""
         c = self.cluster
-        code = c.coordinator.wait(400)
+        code = self.wait_coordinator_exit()
         if code != 0:
             raise TestFailure(f"coordinator exited {code}")
         self.note("coordinator exited 0")
         # Workers that are still alive get a generous grace to exit (a fenced worker that
         # woke after the end may wait for a coordinator that is gone: killed, not judged).
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 30
         for name, proc in c.workers.items():
             while proc.alive() and time.monotonic() < deadline:
                 try:
@@ -540,6 +575,8 @@ class _Run:
             what = (f"val loss {min(losses.values()):.4f}..{max(losses.values()):.4f} vs "
                     f"standalone {reference['val_loss']:.4f}")
         late = f", stragglers killed: {','.join(self.stragglers)}" if self.stragglers else ""
+        if self.wipe_losses:
+            late += f", full wipe redoes {'/'.join(map(str, self.wipe_losses))} steps"
         return (f"{fired}/{len(self.schedule['events'])} events fired, "
                 f"{len(recoveries)} epochs ({','.join(sorted(set(recoveries)))}; "
                 f"{restores} from a checkpoint), {what}{late}")
