@@ -436,7 +436,9 @@ class Sim {
         e = &events_.back();
       }
       EXPECT_EQ(e->cause, args[1]);
-      if (args.size() > 2) EXPECT_EQ(e->paused, args[2] == "paused");
+      if (args.size() > 2) {
+        EXPECT_EQ(e->paused, args[2] == "paused");
+      }
     } else if (cmd == "expect_done") {
       EXPECT_TRUE(run_done_);
       EXPECT_EQ(m_->run_state(), RunState::kDone);
