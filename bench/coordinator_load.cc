@@ -26,7 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/flag_names.h"
+#include "common/flags.h"
 #include "coordinator/client_auth.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -439,7 +439,8 @@ int Run() {
 }  // namespace spotrain::bench
 
 int main(int argc, char** argv) {
-  spotrain::common::NormalizeFlagNames(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  spotrain::common::ParseFlags(argc, argv,
+                               "N simulated worker sessions against a running coordinator",
+                               "bench/coordinator_load.cc");
   return spotrain::bench::Run();
 }

@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
+#include "common/json_util.h"
 #include "common/spot_sim.h"
 #include "common/status_macros.h"
 #include "common/young_daly.h"
@@ -263,29 +264,7 @@ std::string Table(const common::PlanRequest& request, const common::Plan& plan,
 
 // ---- JSON ----------------------------------------------------------------------------------
 
-std::string JsonString(absl::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          absl::StrAppendFormat(&out, "\\u%04x", c);
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out + "\"";
-}
+std::string JsonString(absl::string_view s) { return common::JsonQuote(s); }
 
 // JSON has no infinity: null stands for "never" / "unbounded".
 std::string JsonNumber(double v) {

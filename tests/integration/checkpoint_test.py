@@ -13,17 +13,12 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Cluster, TestFailure, run_scenarios, small_config, standalone_digest,
-                     wait_until, write_corpus)
+from harness import (Cluster, TestFailure, check, run_cluster, run_scenarios,
+                     small_config, standalone_digest, wait_until, write_corpus)
 
 WORK = tempfile.mkdtemp(prefix="spotrain-ckpt-")
 DATA = write_corpus(os.path.join(WORK, "data"))
 EVERY = 10
-
-
-def check(condition, message):
-    if not condition:
-        raise TestFailure(message)
 
 
 def config_for(name, steps=60):
@@ -50,17 +45,6 @@ def check_digests(cluster, config, names):
     for name in names:
         check(digests.get(name) == want,
               f"{name}: digest {digests.get(name, 'none')[:16]} != reference {want[:16]}")
-
-
-def run(name, config, body):
-    cluster = Cluster(name, config)
-    ok = False
-    try:
-        cluster.start_coordinator()
-        body(cluster)
-        ok = True
-    finally:
-        cluster.close(failed=not ok)
 
 
 def kill_all_workers(c):
@@ -92,7 +76,7 @@ def scenario_full_wipe():
         lost = restored[-1].get("lost_steps", 0)
         check(lost <= EVERY, f"lost {lost} steps after a full wipe (at most {EVERY})")
         check(last >= 20, f"last committed {last}")
-    run("full_wipe", config, body)
+    run_cluster("full_wipe", config, body)
 
 
 def scenario_corrupt_newest():
@@ -120,7 +104,7 @@ def scenario_corrupt_newest():
         log = c.workers["n1"].output()
         check(os.path.basename(shard) in log and "skipped" in log,
               f"the worker did not say which file failed:\n{c.workers['n1'].tail()}")
-    run("corrupt_newest", config, body)
+    run_cluster("corrupt_newest", config, body)
 
 
 def scenario_coordinator_restart_live():
@@ -141,7 +125,7 @@ def scenario_coordinator_restart_live():
         check_digests(c, config, ["w1", "w2", "w3"])
         check(sum(e.get("lost_steps", 0) for e in c.events()) <= 1,
               f"steps rolled back after a coordinator restart: {c.events()}")
-    run("coordinator_restart_live", config, body)
+    run_cluster("coordinator_restart_live", config, body)
 
 
 def scenario_coordinator_restart_empty():
@@ -158,7 +142,7 @@ def scenario_coordinator_restart_empty():
         c.start_worker("n1")
         c.wait_done(300)
         check_digests(c, config, ["n1"])
-    run("coordinator_restart_empty", config, body)
+    run_cluster("coordinator_restart_empty", config, body)
 
 
 def scenario_unwritable_dir():

@@ -18,8 +18,8 @@ import tempfile
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Cluster, TestFailure, small_config, standalone_digest, wait_until,
-                     write_corpus)
+from harness import (Cluster, TestFailure, check, run_cluster, small_config,
+                     standalone_digest, wait_until, write_corpus)
 
 WORK = tempfile.mkdtemp(prefix="spotrain-elastic-")
 DATA = write_corpus(os.path.join(WORK, "data"))
@@ -31,22 +31,6 @@ def reference_digest(config):
     if key not in _reference:
         _reference[key] = standalone_digest(config, WORK)
     return _reference[key]
-
-
-def check(condition, message):
-    if not condition:
-        raise TestFailure(message)
-
-
-def run_cluster(name, config, body):
-    cluster = Cluster(name, config)
-    ok = False
-    try:
-        cluster.start_coordinator()
-        body(cluster)
-        ok = True
-    finally:
-        cluster.close(failed=not ok)
 
 
 def finish_and_check_digest(cluster, config, expect_workers=None):

@@ -243,6 +243,24 @@ class Cluster:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def run_cluster(name, config, body):
+    """Starts a coordinator for `config`, runs body(cluster), and always cleans up (printing
+    every process's log tail when body raised)."""
+    cluster = Cluster(name, config)
+    ok = False
+    try:
+        cluster.start_coordinator()
+        body(cluster)
+        ok = True
+    finally:
+        cluster.close(failed=not ok)
+
+
+def check(condition, message):
+    if not condition:
+        raise TestFailure(message)
+
+
 def standalone_digest(config, workdir):
     """Runs the standalone worker on `config` and returns its final state digest."""
     path = os.path.join(workdir, "standalone.json")
