@@ -537,19 +537,27 @@ absl::Status Agent::SetUpCheckpoints() {
                  "checkpoint.every_steps \"auto\": this worker checkpoints when the "
                  "coordinator orders it and at the end of the run");
   }
-  writer_ = std::make_unique<CheckpointWriter>(root, [this](const ShardWriteResult& result) {
-    proto::WorkerMessage m;
-    if (result.status.ok()) {
-      *m.mutable_shard_written() = ToShardWritten(result);
-    } else if (absl::IsAlreadyExists(result.status)) {
-      return;  // that step is already committed (a re-run after a restart)
-    } else {
-      SPOTRAIN_LOG(Warning, "checkpoint step %d not written: %s", result.step,
-                   result.status.ToString());
-      *m.mutable_shard_failed() = ToShardFailed(result);
-    }
-    Send(m);
-  });
+  // The digest is hashed on the writer thread: the training stall is then only the copy of
+  // the state to host memory (measured: 11 ms against 65 ms for gpt-small), for one extra
+  // copy of the state in host memory.
+  CheckpointWriterOptions writer_options;
+  writer_options.digest_in_background = true;
+  writer_ = std::make_unique<CheckpointWriter>(
+      root,
+      [this](const ShardWriteResult& result) {
+        proto::WorkerMessage m;
+        if (result.status.ok()) {
+          *m.mutable_shard_written() = ToShardWritten(result);
+        } else if (absl::IsAlreadyExists(result.status)) {
+          return;  // that step is already committed (a re-run after a restart)
+        } else {
+          SPOTRAIN_LOG(Warning, "checkpoint step %d not written: %s", result.step,
+                       result.status.ToString());
+          *m.mutable_shard_failed() = ToShardFailed(result);
+        }
+        Send(m);
+      },
+      writer_options);
   return absl::OkStatus();
 }
 
