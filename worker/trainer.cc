@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "common/check.h"
 #include "common/hash.h"
+#include "common/logging.h"
 #include "common/model_presets.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
@@ -23,6 +24,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const proto::RunConfig&
   ASSIGN_OR_RETURN(proto::ModelConfig model_config, common::ModelConfigForPreset(config.model()));
   kernels::cpu::CpuContext ctx;
   ctx.threads = config.threads();
+  if (config.deterministic() && config.threads() > 1) {
+    // The element-wise kernels give identical bits for any thread count; OpenBLAS does not.
+    ctx.blas_threads = 1;
+    SPOTRAIN_LOG(Info,
+                 "deterministic mode: matrix products use 1 OpenBLAS thread (the other "
+                 "kernels use %d threads)",
+                 config.threads());
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<GptModel> model,
                    GptModel::Create(model_config, config.micro_batch(), config.seq_len(), ctx));
   ASSIGN_OR_RETURN(

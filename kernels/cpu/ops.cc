@@ -935,7 +935,7 @@ void LayerNormBackward(const CpuContext& ctx, float* dinp, float* dweight, float
 
 void MatmulForward(const CpuContext& ctx, float* out, const float* inp, const float* weight,
                    const float* bias, int N, int C, int OC) {
-  SetBlasThreads(ctx.threads);
+  SetBlasThreads(ctx.blas_threads > 0 ? ctx.blas_threads : ctx.threads);
   float beta = 0.0f;
   if (bias != nullptr) {
     ParallelFor(ctx, N, [&](int64_t i) { std::memcpy(out + i * OC, bias, sizeof(float) * OC); });
@@ -948,7 +948,7 @@ void MatmulForward(const CpuContext& ctx, float* out, const float* inp, const fl
 void MatmulBackward(const CpuContext& ctx, float* dinp, float* dweight, float* dbias,
                     const float* dout, const float* inp, const float* weight, int N, int C,
                     int OC) {
-  SetBlasThreads(ctx.threads);
+  SetBlasThreads(ctx.blas_threads > 0 ? ctx.blas_threads : ctx.threads);
   // dinp[N,C] += dout[N,OC] * weight[OC,C]
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f,
               dinp, C);

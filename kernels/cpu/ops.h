@@ -32,6 +32,9 @@ namespace spotrain::kernels::cpu {
 
 struct CpuContext {
   int threads = 1;
+  // OpenBLAS threads for matrix products; 0: the same as `threads`. OpenBLAS rounds
+  // differently with several threads, so deterministic runs pin it to 1.
+  int blas_threads = 0;
 };
 
 // Which code path the non-BLAS kernels use. kAuto (the default) picks AVX2+FMA when the CPU

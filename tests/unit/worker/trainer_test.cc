@@ -101,6 +101,13 @@ TEST(TrainerTest, DeterministicModeIsIndependentOfWorldSize) {
   }
 }
 
+TEST(TrainerTest, DeterministicModeIsIndependentOfThreadCount) {
+  proto::RunConfig one = SmallConfig(true);
+  proto::RunConfig two = one;
+  two.set_threads(2);
+  EXPECT_EQ(TrainWithWorld(one, 1, 1)[0], TrainWithWorld(two, 2, 2)[0]);
+}
+
 TEST(TrainerTest, DefaultModeReplicasAgreeWithinAWorld) {
   std::vector<std::string> digests = TrainWithWorld(SmallConfig(false), 3, 1);
   EXPECT_EQ(digests[0], digests[1]);
