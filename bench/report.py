@@ -140,6 +140,8 @@ plot "{pts}" using 2:xtic(1) title "detect", "" using 3 title "plan", "" using 4
             ("checkpoint", "Checkpoint stall and background write throughput (gpt-small state)",
              "build/tests/worker_checkpoint_test --gtest_also_run_disabled_tests "
              "--gtest_filter='CheckpointBench.*'"),
+            ("restore", "Restore after a full wipe into 1, 2 and 4 workers",
+             "/usr/bin/python3 bench/restore.py"),
             ("coordinator_load", "Coordinator under N simulated workers",
              "bench/coordinator_load.sh"),
             ("plan", "Spot planner on the real AWS trace (8 GPUs, 192 GPU-hours)",
