@@ -209,7 +209,21 @@ class Agent {
   // after a stop; serialised by session_mu_.
   absl::Status Rejoin(absl::Duration timeout, bool force) ABSL_LOCKS_EXCLUDED(session_mu_);
   void HeartbeatLoop();
-  void Send(const proto::WorkerMessage& message) { client_->Send(message); }
+  // Sends a report. The latest StepDone and ShardWritten are also remembered and sent again
+  // after a re-join: reports sent while the coordinator was down are lost, and a run that
+  // finished during the outage would otherwise wait for them forever.
+  void Send(const proto::WorkerMessage& message) ABSL_LOCKS_EXCLUDED(replay_mu_) {
+    if (message.has_step_done() || message.has_shard_written()) {
+      absl::MutexLock lock(&replay_mu_);
+      (message.has_step_done() ? last_step_done_ : last_shard_written_) = message;
+    }
+    client_->Send(message);
+  }
+  void ReplayLastReports() ABSL_LOCKS_EXCLUDED(replay_mu_) {
+    absl::MutexLock lock(&replay_mu_);
+    if (last_shard_written_.has_shard_written()) client_->Send(last_shard_written_);
+    if (last_step_done_.has_step_done()) client_->Send(last_step_done_);
+  }
   void SendReady(int64_t epoch);
   void SendCollectiveFailed(int64_t epoch, const absl::Status& error);
   // Runs one epoch's plan until the epoch ends (a Prepare to answer, a failure, a stop) or
@@ -242,6 +256,9 @@ class Agent {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> leave_notified_{false};
   absl::Mutex session_mu_;  // serialises re-joins (heartbeat thread, training thread)
+  absl::Mutex replay_mu_;
+  proto::WorkerMessage last_step_done_ ABSL_GUARDED_BY(replay_mu_);
+  proto::WorkerMessage last_shard_written_ ABSL_GUARDED_BY(replay_mu_);
   absl::Mutex fatal_mu_;
   absl::Status fatal_ ABSL_GUARDED_BY(fatal_mu_);  // set by the heartbeat thread
   bool summary_printed_ = false;
@@ -252,7 +269,9 @@ absl::Status Agent::Rejoin(absl::Duration timeout, bool force) {
   absl::MutexLock lock(&session_mu_);
   if (!force && mailbox_.session_alive()) return absl::OkStatus();
   client_->CloseSession();
-  return JoinAndOpenSession(timeout);
+  RETURN_IF_ERROR(JoinAndOpenSession(timeout));
+  if (!force) ReplayLastReports();  // after a coordinator restart, not after being fenced
+  return absl::OkStatus();
 }
 
 absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
