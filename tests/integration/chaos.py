@@ -72,8 +72,8 @@ ALL_EVENTS = {
     ],
 }
 # A coordinator outage over the last steps: the workers finish the run (and write the final
-# checkpoint's shards) while no coordinator hears them. Known to hang (docs/chaos.md,
-# "Findings"); not in ctest until that is fixed.
+# checkpoint's shards) while no coordinator hears them. It hung until the workers re-sent
+# their last reports after a re-join (8e19847); ctest integration.chaos.late_coordinator_restart.
 LATE_COORDINATOR_RESTART = {
     "name": "late_coordinator_restart",
     "steps": 80,
