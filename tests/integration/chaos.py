@@ -250,7 +250,7 @@ class Runner:
             run.execute()
             message = run.check(reference)
             ok = True
-        except (TestFailure, OSError, ValueError) as e:
+        except Exception as e:  # reported with the schedule; the next one still runs
             message = f"{type(e).__name__}: {e}"
         finally:
             cluster.close(failed=False)
