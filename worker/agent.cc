@@ -287,7 +287,8 @@ absl::Status Agent::JoinAndOpenSession(absl::Duration timeout) {
     request.set_held_fingerprint(holds_state_ ? fingerprint_ : 0);
     request.set_previous_worker_id(worker_id_.load());
     request.set_current_epoch(epoch_.load());
-    auto joined = client_->Join(request);
+    // A re-join waits for the channel to reconnect rather than failing during its backoff.
+    auto joined = client_->Join(request, /*wait_for_ready=*/worker_id_.load() != 0);
     if (joined.ok()) {
       response = *std::move(joined);
       break;

@@ -65,7 +65,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Create(
   // Reconnect fast after a coordinator restart; keep idle session streams alive.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  // A restarted coordinator must be found within the re-join window (2 x heartbeat
+  // timeout): retry the connection at least every half second while it is down.
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
   // gRPC's default 30 s DNS cooldown would delay reaching a restarted coordinator.
   args.SetInt(GRPC_ARG_DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS, 500);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
@@ -91,9 +93,11 @@ void CoordinatorClient::Authorize(grpc::ClientContext& context, absl::Duration t
   }
 }
 
-absl::StatusOr<proto::JoinResponse> CoordinatorClient::Join(const proto::JoinRequest& request) {
+absl::StatusOr<proto::JoinResponse> CoordinatorClient::Join(const proto::JoinRequest& request,
+                                                            bool wait_for_ready) {
   grpc::ClientContext context;
   Authorize(context, options_.rpc_timeout);
+  context.set_wait_for_ready(wait_for_ready);
   proto::JoinResponse response;
   RETURN_IF_ERROR(
       FromGrpc(stub_->Join(&context, request, &response), absl::StrCat("join ", target_)));

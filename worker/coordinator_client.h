@@ -51,7 +51,11 @@ class CoordinatorClient {
 
   // One Join attempt. kUnavailable when the coordinator cannot be reached;
   // kPermissionDenied for a wrong token; kFailedPrecondition when refused (message says why).
-  absl::StatusOr<proto::JoinResponse> Join(const proto::JoinRequest& request);
+  // With `wait_for_ready` the call waits (up to the RPC timeout) for the channel to connect
+  // instead of failing at once while it is in reconnect backoff: used for re-joins, where
+  // the coordinator is known to exist and is coming back.
+  absl::StatusOr<proto::JoinResponse> Join(const proto::JoinRequest& request,
+                                           bool wait_for_ready = false);
 
   // Opens the Session stream, sends Hello{worker_id} and starts the reader thread.
   absl::Status OpenSession(uint64_t worker_id, Handler on_message, EndHandler on_end);
