@@ -15,6 +15,7 @@
 #include "common/logging.h"
 #include "common/run_config.h"
 #include "worker/agent.h"
+#include "worker/device.h"
 #include "worker/preemption.h"
 #include "worker/standalone.h"
 
@@ -29,7 +30,10 @@ ABSL_FLAG(std::string, coordinator, "", "HOST:PORT of the run's coordinator (ela
 ABSL_FLAG(std::string, name, "", "Name shown in status (default: HOSTNAME-PID).");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "Address the other workers use to reach this one for collectives (this pod's IP).");
-ABSL_FLAG(std::string, device, "auto", "Device: auto, cpu or cuda:N.");
+ABSL_FLAG(std::string, device, "auto",
+          "Device: auto (a GPU when this worker can train on one, else the CPU; the log says "
+          "which and why), cpu, or cuda:N (an error when no usable GPU N exists). This version "
+          "trains on the CPU only: cuda:N exits with an error naming the reason.");
 ABSL_FLAG(std::string, preemption_notice, "none",
           "Watch a cloud metadata server for spot preemption notices: auto, aws, gcp or none. "
           "SIGTERM is always handled.");
@@ -60,7 +64,7 @@ void OnSigterm(int) {
   }
 }
 
-int RunElastic() {
+int RunElastic(const std::string& join_device) {
   using namespace spotrain::worker;
   static LeaveRequest leave;
   g_leave = &leave;
@@ -78,7 +82,7 @@ int RunElastic() {
     options.name = absl::StrCat(host, "-", ::getpid());
   }
   options.advertise_host = absl::GetFlag(FLAGS_advertise_host);
-  options.device = "cpu";
+  options.device = join_device;
   auto token = ReadRunToken(absl::GetFlag(FLAGS_token_file));
   if (!token.ok()) {
     std::fprintf(stderr, "spotrain-worker: %s\n", std::string(token.status().message()).c_str());
@@ -139,15 +143,17 @@ int main(int argc, char** argv) {
       "worker/main.cc");
   namespace common = spotrain::common;
 
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device != "cpu" && device != "auto") {
-    std::fprintf(stderr,
-                 "spotrain-worker: --device %s: this build's worker trains on the CPU only "
-                 "(the CUDA training path is not wired into the worker yet); use --device cpu\n",
-                 device.c_str());
+  // The GPU model (worker/cuda_model.h) and the NCCL communicator exist, but the trainer
+  // the worker runs is CPU-only: auto stays on the CPU (and says why), cuda:N is an error.
+  auto device = spotrain::worker::ChooseDevice(absl::GetFlag(FLAGS_device),
+                                               spotrain::worker::ProbeCudaDevices(),
+                                               /*gpu_training=*/false);
+  if (!device.ok()) {
+    std::fprintf(stderr, "spotrain-worker: %s\n", std::string(device.status().message()).c_str());
     return 2;
   }
-  if (!absl::GetFlag(FLAGS_coordinator).empty()) return RunElastic();
+  SPOTRAIN_LOG(Info, "%s", device->message);
+  if (!absl::GetFlag(FLAGS_coordinator).empty()) return RunElastic(device->join_device);
 
   spotrain::proto::RunConfig config;
   const std::string path = absl::GetFlag(FLAGS_config);
