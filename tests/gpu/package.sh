@@ -4,12 +4,13 @@
 # none of Debian's gRPC, protobuf, Abseil, gloo or OpenBLAS):
 #   tests/gpu/package.sh OUTDIR [BUILD_DIR]        (BUILD_DIR default: build-cuda)
 # OUTDIR gets bin/ (tests/gpu_* and spotrain-gpu-train), lib/ (every shared library they load
-# except the C library, the dynamic loader and the CUDA driver/runtime/cuBLAS libraries,
+# except the C library, the dynamic loader and the CUDA driver/runtime/cuBLAS/NCCL libraries,
 # which the GPU machine has), run.sh (a copy of tests/gpu/run.sh) and MANIFEST. Then, on the
 # GPU machine: SPOTRAIN_PREBUILT=OUTDIR OUTDIR/run.sh RESULTS_DIR
 # Build first, e.g.:
 #   cmake -S . -B build-cuda -G Ninja -DSPOTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
-#   ninja -C build-cuda gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test spotrain-gpu-train
+#   ninja -C build-cuda gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test \
+#     gpu_nccl_communicator_test spotrain-gpu-train
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,7 +32,7 @@ rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 # Provided by the GPU machine (driver, CUDA runtime and cuBLAS of the toolkit) or by any
 # glibc system; everything else is copied.
-skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libutil\.so|libresolv\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libnvidia-)'
+skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libutil\.so|libresolv\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libnccl\.so|libnvidia-)'
 declare -A copied=()
 missing=()
 for bin in "${binaries[@]}"; do
@@ -70,7 +71,8 @@ chmod +x "$out/run.sh"
   glibc=$(for f in "$out"/bin/* "$out"/lib/*; do objdump -T "$f" 2>/dev/null; done |
     grep -oE 'GLIBC_[0-9.]+' | sort -uV | tail -1)
   echo "needed from the GPU machine: glibc >= ${glibc#GLIBC_}, libcuda.so.1 (driver), libcudart.so.13, libcublas.so.13,"
-  echo "  libcublasLt.so.13 (CUDA 13 toolkit or the nvidia-cublas / nvidia-cuda-runtime wheels)"
+  echo "  libcublasLt.so.13 (CUDA 13 toolkit or the nvidia-cublas / nvidia-cuda-runtime wheels),"
+  echo "  libnccl.so.2 >= 2.28 for gpu_nccl_communicator_test (toolkit or the nvidia-nccl wheel)"
 } >"$out/MANIFEST"
 
 size_kib=$(du -sk "$out" | cut -f1)

@@ -2,7 +2,7 @@
 # The GPU checks of spotrain on one GPU, in one go (meant for a lent H100: well under 8
 # minutes with 16 cores):
 #   1. the gpu-labelled tests (kernels/cuda vs the CPU reference, the CUDA model vs the CPU
-#      model, determinism), each binary under a time limit;
+#      model, determinism, the one-rank NCCL communicator), each binary under a time limit;
 #   2. GPT-2 124M training throughput on one GPU, fp32 / tf32 / bf16, uniformly random tokens
 #      (no dataset): ms/step, tokens/s, MFU by llm.c's 6N + 6LCT FLOPs per token against the
 #      GPU's dense peak for that arithmetic (H100 SXM: fp32 67, tf32 495, bf16 989 TFLOP/s);
@@ -53,7 +53,8 @@ else
   log "configuring and building $build (CUDA, sm_90)"
   if ! cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPOTRAIN_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 ||
-     ! ninja -C "$build" gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test spotrain-gpu-train \
+     ! ninja -C "$build" gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test \
+      gpu_nccl_communicator_test spotrain-gpu-train \
       >>"$out/build.log" 2>&1; then
     tail -30 "$out/build.log"
     echo "build failed (log: $out/build.log). On a machine without Debian's gRPC/protobuf/Abseil," >&2
@@ -70,7 +71,7 @@ fi
 
 # Kernels before the model that uses them; any other test binaries after.
 ordered=()
-for want in gpu_gemm_plan_test gpu_ops_test gpu_cuda_model_test; do
+for want in gpu_gemm_plan_test gpu_ops_test gpu_cuda_model_test gpu_nccl_communicator_test; do
   for t in "${tests[@]}"; do [[ $(basename "$t") == "$want" ]] && ordered+=("$t"); done
 done
 for t in "${tests[@]}"; do
@@ -116,6 +117,24 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do
   fi
 done
 
+# NCCL (for gpu_nccl_communicator_test only): the toolkit's, the loader's or the nvidia-nccl
+# wheel's libnccl.so.2. Without it that one test is not run (and the summary says so).
+declare -a summary_rows=()
+if ! ldconfig -p 2>/dev/null | grep -q "^\s*libnccl.so.2 "; then
+  d=$(find_lib_dir libnccl.so.2)
+  if [[ -n $d ]]; then
+    case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d" ;; esac
+  else
+    kept=()
+    for t in "${tests[@]}"; do [[ $(basename "$t") == gpu_nccl_communicator_test ]] || kept+=("$t"); done
+    if ((${#kept[@]} != ${#tests[@]})); then
+      echo "warning: no libnccl.so.2 on this machine: gpu_nccl_communicator_test not run" >&2
+      summary_rows+=("| test gpu_nccl_communicator_test | NOT RUN (no libnccl.so.2 found) | | |")
+    fi
+    tests=("${kept[@]}")
+  fi
+fi
+
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "host: $(uname -a)"
@@ -135,7 +154,6 @@ log "environment in $out/env.txt; GPU: $(nvidia-smi --query-gpu=name,memory.tota
 # ---- 1. tests -------------------------------------------------------------------------------
 test_timeout=${SPOTRAIN_TEST_TIMEOUT:-240}
 : >"$out/tests.log"
-declare -a summary_rows=()
 tests_failed=0
 for t in "${tests[@]}"; do
   name=$(basename "$t")
