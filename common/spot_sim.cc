@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <utility>
 
@@ -321,41 +322,75 @@ absl::Status ValidateJobSpec(const JobSpec& job) {
     return Invalid("min_gpus", absl::StrFormat("must be in 1..gpus (%d)", job.gpus));
   }
   if (!non_negative(job.max_wall_s)) return Invalid("max_wall_s", "must be >= 0");
+  if (!std::isfinite(job.join_recovery_s)) return Invalid("join_recovery_s", "must be finite");
+  if (!non_negative(job.join_delay_s)) return Invalid("join_delay_s", "must be >= 0");
+  if (job.checkpoint_every_steps < 0) return Invalid("checkpoint_every_steps", "must be >= 0");
+  if (!job.step_s_by_live.empty()) {
+    if (job.step_s_by_live.size() != static_cast<size_t>(job.gpus) + 1) {
+      return Invalid("step_s_by_live",
+                     absl::StrFormat("must give the step time for each of 1..%d live", job.gpus));
+    }
+    if (job.step_s_by_live[job.gpus] != job.step_s) {
+      return Invalid("step_s", "must equal step_s_by_live[gpus] when step_s_by_live is given");
+    }
+    for (int k = 1; k <= job.gpus; ++k) {
+      const double s = job.step_s_by_live[k];
+      if (!(s > 0) || std::isinf(s)) {
+        return Invalid("step_s_by_live", absl::StrFormat("for %d live must be > 0 s", k));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
 namespace {
 
 // The discrete-event simulation of one job. Between events the job is in one of three
-// states: running (progress at `live` GPU-seconds per second), stalled (instances up and
-// paid, no progress: a checkpoint, a recovery, a restart, or fewer than min_gpus live), or
-// waiting (no instance). Events: capacity changes, the end of a stall, a checkpoint falling
-// due and the end of the work.
+// states: running (progress at Rate() GPU-seconds per second), stalled (instances up and
+// paid, no progress: a checkpoint, a recovery, a restart, a newcomer still joining, or
+// fewer than min_gpus working), or waiting (no instance). Events: capacity changes, a
+// newcomer joining, the end of a stall, a checkpoint falling due and the end of the work.
+// Work is counted in GPU-seconds of the full job: one step is step_s * gpus of it.
 class JobSimulation {
  public:
-  JobSimulation(const JobSpec& job, Recovery recovery, double interval_s, CapacityProcess capacity)
-      : job_(job), recovery_(recovery), interval_s_(interval_s), capacity_(std::move(capacity)) {}
+  JobSimulation(const JobSpec& job, Recovery recovery, double interval_s, CapacityProcess capacity,
+                std::vector<TimelinePoint>* timeline)
+      : job_(job),
+        recovery_(recovery),
+        interval_s_(interval_s),
+        capacity_(std::move(capacity)),
+        timeline_(timeline),
+        step_work_(job.step_s * job.gpus),
+        join_recovery_s_(job.join_recovery_s >= 0 ? job.join_recovery_s : job.peer_recovery_s),
+        delayed_joins_(recovery == Recovery::kPeer && job.join_delay_s > 0) {}
 
   SimResult Run() {
     const double ideal = job_.work_gpu_s / job_.gpus;
     const double horizon =
         job_.max_wall_s > 0 ? job_.max_wall_s : std::max(50 * ideal, ideal + 7 * 24 * kHour);
     live_ = capacity_.live();
+    if (delayed_joins_) {
+      joining_.assign(live_, job_.join_delay_s);  // the first instances start too
+    } else {
+      working_ = live_;
+    }
+    Record();
     while (true) {
       const bool running = Running();
+      const double rate = Rate(working_);
       const double t_capacity = capacity_.next_time_s();
+      const double t_join = joining_.empty() ? kInf : joining_.front();
       const double t_busy = live_ > 0 && busy_until_ > t_ ? busy_until_ : kInf;
-      const double t_finish = running ? t_ + (job_.work_gpu_s - progress_) / live_ : kInf;
-      const double t_checkpoint =
-          running && std::isfinite(interval_s_) ? t_ + (interval_s_ - since_checkpoint_) : kInf;
+      const double t_finish = running ? t_ + (job_.work_gpu_s - progress_) / rate : kInf;
+      const double t_checkpoint = running ? NextCheckpoint(rate) : kInf;
       const double next =
-          std::min({t_capacity, t_busy, t_finish, t_checkpoint, std::max(horizon, t_)});
+          std::min({t_capacity, t_join, t_busy, t_finish, t_checkpoint, std::max(horizon, t_)});
 
       const double dt = next - t_;
       result_.paid_gpu_s += live_ * dt;
       if (running) {
         ever_ran_ = true;
-        progress_ += live_ * dt;
+        progress_ += rate * dt;
         since_checkpoint_ += dt;
       } else if (live_ > 0) {
         result_.stalled_s += dt;
@@ -371,23 +406,61 @@ class JobSimulation {
       }
       if (t_ >= horizon) break;
       if (ckpt_in_flight_ && busy_until_ <= t_) {
-        committed_ = pending_;
+        committed_ = ckpt_progress_;
         ckpt_in_flight_ = false;
         ++result_.checkpoints;
       }
       if (running && t_checkpoint <= next) StartCheckpoint();
+      int joined = 0;
+      while (!joining_.empty() && joining_.front() <= t_) {
+        joining_.pop_front();
+        ++joined;
+      }
+      if (joined > 0) Joined(joined);
       while (capacity_.next_time_s() <= t_) OnCapacity(capacity_.Advance());
+      Record();
     }
     result_.wall_s = t_;
+    Record();
     return result_;
   }
 
  private:
-  bool Running() const { return live_ >= job_.min_gpus && t_ >= busy_until_ && !needs_restore_; }
+  bool Running() const { return working_ >= job_.min_gpus && t_ >= busy_until_ && !needs_restore_; }
+
+  // Seconds per step with `k` instances working (k >= 1).
+  double StepSeconds(int k) const {
+    if (!job_.step_s_by_live.empty()) return job_.step_s_by_live[k];
+    return job_.step_s * job_.gpus / k;
+  }
+  // GPU-seconds of the job's work done per second with `k` working.
+  double Rate(int k) const { return k > 0 ? step_work_ / StepSeconds(k) : 0; }
+
+  double NextCheckpoint(double rate) const {
+    if (job_.checkpoint_every_steps > 0) {
+      const double target = static_cast<double>(checkpoint_index_ + 1) *
+                            static_cast<double>(job_.checkpoint_every_steps) * step_work_;
+      return t_ + std::max(0.0, target - progress_) / rate;
+    }
+    return std::isfinite(interval_s_) ? t_ + (interval_s_ - since_checkpoint_) : kInf;
+  }
+
+  // The checkpoint multiple at or below `progress` (steps mode).
+  int64_t CheckpointIndex(double progress) const {
+    if (job_.checkpoint_every_steps <= 0) return 0;
+    const double every = static_cast<double>(job_.checkpoint_every_steps) * step_work_;
+    return static_cast<int64_t>(std::floor(progress / every + 1e-6));
+  }
+
+  void Record() {
+    if (timeline_ == nullptr) return;
+    timeline_->push_back({t_, progress_ / step_work_, live_, working_});
+  }
 
   void StartCheckpoint() {
     since_checkpoint_ = 0;
-    pending_ = progress_;
+    ckpt_progress_ = progress_;
+    checkpoint_index_ = CheckpointIndex(progress_);
     if (job_.checkpoint_cost_s == 0) {
       committed_ = progress_;
       ++result_.checkpoints;
@@ -400,10 +473,10 @@ class JobSimulation {
   // Rolls back to the last committed checkpoint. With `checkpoint_first` and a notice long
   // enough to write one, the job checkpoints just before the loss instead and loses only
   // the work that checkpoint's stall displaced.
-  void RollBack(int live_before, bool checkpoint_first) {
+  void RollBack(int working_before, bool checkpoint_first) {
     double lost = progress_ - committed_;
     if (checkpoint_first && job_.notice_s >= job_.checkpoint_cost_s && lost > 0) {
-      lost = std::min(lost, job_.checkpoint_cost_s * live_before);
+      lost = std::min(lost, job_.checkpoint_cost_s * Rate(working_before));
       committed_ = progress_ - lost;
       ++result_.emergency_checkpoints;
     }
@@ -411,6 +484,7 @@ class JobSimulation {
     progress_ = committed_;
     ckpt_in_flight_ = false;
     since_checkpoint_ = 0;
+    checkpoint_index_ = CheckpointIndex(committed_);
   }
 
   void OnCapacity(int now) {
@@ -421,11 +495,12 @@ class JobSimulation {
     if (now < before) {
       ++result_.loss_events;
       result_.losses += before - now;
-      if (now == 0) ++result_.wipes;
     } else {
       ++result_.return_events;
     }
     if (recovery_ == Recovery::kRestart) {
+      if (now == 0) ++result_.wipes;
+      working_ = now;
       // torchrun: any change, loss or join, stops every worker (no notice handling); they
       // start again from the last checkpoint once at least min_gpus are there.
       RollBack(before, /*checkpoint_first=*/false);
@@ -438,27 +513,43 @@ class JobSimulation {
       return;
     }
     // Peer recovery.
-    if (now == 0) {  // a full wipe: nobody holds the state any more
-      RollBack(before, /*checkpoint_first=*/true);
+    if (now > before) {
+      if (delayed_joins_) {
+        joining_.insert(joining_.end(), now - before, t_ + job_.join_delay_s);
+      } else {
+        Joined(now - before);
+      }
+      return;
+    }
+    // A loss hits working instances first, then newcomers that have not joined yet.
+    const int working_before = working_;
+    const int from_working = std::min(before - now, working_);
+    for (int i = from_working; i < before - now && !joining_.empty(); ++i) joining_.pop_front();
+    if (from_working == 0) return;  // only newcomers: the group does not notice
+    working_ -= from_working;
+    if (working_ == 0) {  // a full wipe: nobody holds the state any more
+      ++result_.wipes;
+      RollBack(working_before, /*checkpoint_first=*/true);
       needs_restore_ = true;
       busy_until_ = t_;
       return;
     }
-    if (now < before) {
-      // The survivors redo the interrupted step, unless the notice let the leaver finish it
-      // and leave at its end.
-      const double step_now = job_.step_s * job_.gpus / before;
-      if (was_running && !(job_.notice_s > 0 && job_.notice_s >= step_now)) {
-        const double lost = std::fmod(progress_, job_.step_s * job_.gpus);
-        progress_ -= lost;
-        result_.lost_gpu_s += lost;
-      }
-      ++result_.peer_recoveries;
-      busy_until_ = std::max(busy_until_, t_ + job_.peer_recovery_s);
-      return;
+    // The survivors redo the interrupted step, unless the notice let the leaver finish it
+    // and leave at its end.
+    if (was_running && !(job_.notice_s > 0 && job_.notice_s >= StepSeconds(working_before))) {
+      const double lost = std::fmod(progress_, step_work_);
+      progress_ -= lost;
+      result_.lost_gpu_s += lost;
     }
+    ++result_.peer_recoveries;
+    busy_until_ = std::max(busy_until_, t_ + job_.peer_recovery_s);
+  }
+
+  // `k` instances start working (at once, or after join_delay_s).
+  void Joined(int k) {
+    working_ += k;
     if (needs_restore_) {
-      if (live_ < job_.min_gpus) return;
+      if (working_ < job_.min_gpus) return;
       needs_restore_ = false;
       ++result_.restarts;
       const double restore = committed_ > 0 ? job_.restore_cost_s : 0;
@@ -467,36 +558,44 @@ class JobSimulation {
     }
     if (!ever_ran_) return;     // the job's first instances arriving
     ++result_.peer_recoveries;  // joiners get the state by broadcast
-    busy_until_ = std::max(busy_until_, t_ + job_.peer_recovery_s);
+    busy_until_ = std::max(busy_until_, t_ + join_recovery_s_);
   }
 
   const JobSpec job_;
   const Recovery recovery_;
   const double interval_s_;
   CapacityProcess capacity_;
+  std::vector<TimelinePoint>* const timeline_;
+  const double step_work_;  // GPU-seconds of work in one step
+  const double join_recovery_s_;
+  const bool delayed_joins_;
   SimResult result_;
   double t_ = 0;
-  int live_ = 0;
+  int live_ = 0;                // instances paid
+  int working_ = 0;             // of them in the group (live_ minus those still joining)
+  std::deque<double> joining_;  // when each newcomer starts working, earliest first
   bool ever_ran_ = false;
-  bool needs_restore_ = false;   // peer: wiped, waiting for min_gpus to load the checkpoint
-  double progress_ = 0;          // GPU-seconds of useful work done
-  double committed_ = 0;         // progress in the last committed checkpoint
-  double since_checkpoint_ = 0;  // running seconds since the last checkpoint started
+  bool needs_restore_ = false;    // peer: wiped, waiting for min_gpus to load the checkpoint
+  double progress_ = 0;           // GPU-seconds of useful work done
+  double committed_ = 0;          // progress in the last committed checkpoint
+  double since_checkpoint_ = 0;   // running seconds since the last checkpoint started
+  int64_t checkpoint_index_ = 0;  // steps mode: the multiple of the last checkpoint
   double busy_until_ = 0;
   bool ckpt_in_flight_ = false;
-  double pending_ = 0;  // progress of the checkpoint in flight
+  double ckpt_progress_ = 0;  // progress of the checkpoint in flight
 };
 
 }  // namespace
 
 absl::StatusOr<SimResult> SimulateRun(const JobSpec& job, Recovery recovery, double interval_s,
-                                      CapacityProcess capacity) {
+                                      CapacityProcess capacity,
+                                      std::vector<TimelinePoint>* timeline) {
   RETURN_IF_ERROR(ValidateJobSpec(job));
   if (!(interval_s > 0)) return Invalid("checkpoint interval", "must be > 0 s");
   if (capacity.gpus() != job.gpus) {
     return Invalid("capacity", "was made for a different number of GPUs than the job");
   }
-  return JobSimulation(job, recovery, interval_s, std::move(capacity)).Run();
+  return JobSimulation(job, recovery, interval_s, std::move(capacity), timeline).Run();
 }
 
 // ---- The plan ----------------------------------------------------------------------------
@@ -546,8 +645,12 @@ absl::StatusOr<ModeEstimate> EstimateMode(const PlanRequest& request, Recovery r
   mode.simulated = true;
   mode.interval = choice;
   mode.mtbi_basis = basis;
-  mode.interval_overridden = request.interval_override_s > 0;
+  mode.interval_overridden =
+      request.interval_override_s > 0 || request.job.checkpoint_every_steps > 0;
   mode.interval_s = mode.interval_overridden ? request.interval_override_s : choice.interval_s;
+  if (request.job.checkpoint_every_steps > 0) {  // in steps; shown as its full-fleet seconds
+    mode.interval_s = static_cast<double>(request.job.checkpoint_every_steps) * request.job.step_s;
+  }
   mode.trials = request.trials;
   std::vector<double> wall, cost;
   double goodput = 0, useful_per_paid = 0;
@@ -555,8 +658,10 @@ absl::StatusOr<ModeEstimate> EstimateMode(const PlanRequest& request, Recovery r
     ASSIGN_OR_RETURN(
         CapacityProcess capacity,
         CapacityProcess::Create(request.capacity, request.job.gpus, TrialSeed(request.seed, i)));
-    ASSIGN_OR_RETURN(SimResult r,
-                     SimulateRun(request.job, recovery, mode.interval_s, std::move(capacity)));
+    std::vector<TimelinePoint>* timeline =
+        i == 0 && recovery == Recovery::kPeer ? request.timeline : nullptr;
+    ASSIGN_OR_RETURN(SimResult r, SimulateRun(request.job, recovery, mode.interval_s,
+                                              std::move(capacity), timeline));
     if (r.finished) ++mode.finished;
     wall.push_back(r.wall_s);
     cost.push_back(r.paid_gpu_s / kHour * request.spot_price);

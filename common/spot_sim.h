@@ -187,6 +187,21 @@ struct JobSpec {
   int min_gpus = 1;
   // Peer recovery: survivors rebuild their group and redo the interrupted step.
   double peer_recovery_s = 1;
+  // Peer recovery: the stall of every worker when joiners switch in (group rebuild and the
+  // broadcast of the state to them); < 0: peer_recovery_s.
+  double join_recovery_s = -1;
+  // Peer recovery: an instance that appears (also the first ones at time 0) does no work
+  // for this long: process start, Join, the coordinator's settle window, the switch at a
+  // step boundary. Paid meanwhile; the others keep training. A loss hits working
+  // instances first (the longest-running), then these newcomers, oldest first.
+  double join_delay_s = 0;
+  // Optional measured step times: step_s_by_live[k] = seconds per step with k instances
+  // working (k = 1..gpus; index 0 unused). Empty: step_s * gpus / k (linear scaling).
+  // When set, step_s must equal step_s_by_live[gpus] (the ideal wall time uses it).
+  std::vector<double> step_s_by_live;
+  // > 0: checkpoint whenever progress reaches a multiple of this many steps (the
+  // coordinator's checkpoint.every_steps) instead of after every interval of compute.
+  int64_t checkpoint_every_steps = 0;
   // Checkpoint-restart: detection, process restart and rendezvous, before the restore.
   double restart_overhead_s = 45;
   // Give up (finished = false) at this wall time; 0: 50x the ideal wall time, at least 7 days.
@@ -214,9 +229,22 @@ struct SimResult {
 };
 
 // Runs one job to completion under `capacity` (consumed), checkpointing after every
-// `interval_s` of compute (+infinity: never). Errors: ValidateJobSpec's, interval_s <= 0.
+// `interval_s` of compute (+infinity: never; ignored with job.checkpoint_every_steps).
+// Errors: ValidateJobSpec's, interval_s <= 0.
+// One point of a run's timeline: after an event at time_s, `steps` of useful progress
+// (work done so far, in steps of the whole job: progress / (step_s * gpus)), `live`
+// instances paid and `working` of them in the group.
+struct TimelinePoint {
+  double time_s = 0;
+  double steps = 0;
+  int live = 0;
+  int working = 0;
+};
+
+// With `timeline`, also appends a point after every event (and at the end).
 absl::StatusOr<SimResult> SimulateRun(const JobSpec& job, Recovery recovery, double interval_s,
-                                      CapacityProcess capacity);
+                                      CapacityProcess capacity,
+                                      std::vector<TimelinePoint>* timeline = nullptr);
 
 // ---- The plan ----------------------------------------------------------------------------
 
@@ -234,6 +262,8 @@ struct PlanRequest {
   double max_interval_s = 3600;
   int trials = 200;
   uint64_t seed = 1;
+  // When set, trial 0 of spot+spotrain appends its timeline here (see SimulateRun).
+  std::vector<TimelinePoint>* timeline = nullptr;
 };
 
 struct Distribution {

@@ -17,9 +17,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "common/json_util.h"
 #include "common/spot_sim.h"
@@ -49,6 +51,26 @@ ABSL_FLAG(double, replacement_s, 1800,
 ABSL_FLAG(std::string, trace, "",
           "plan: replay a spot availability trace, time_ms,live_instances per line (e.g. "
           "examples/traces/aws-p3-spot-32.csv), scaled to --gpus");
+ABSL_FLAG(double, trace_offset_s, -1,
+          "plan: with --trace, start every replay this many seconds into the trace's window "
+          "(-1: a random offset per trial); with --gpus equal to the trace's peak and an "
+          "offset of 0 the replay is the trace itself, the same in every trial");
+ABSL_FLAG(std::string, step_seconds_by_live, "",
+          "plan: measured seconds per step for each number of working GPUs, \"1:0.31,2:0.17,"
+          "3:0.12\" (every count 1..--gpus); replaces linear scaling, and the entry for --gpus "
+          "is the step time (--step_seconds may be left out)");
+ABSL_FLAG(double, join_delay_s, 0,
+          "plan: spotrain: seconds from an instance's appearance (also the first ones) to its "
+          "first step in the group (process start, Join, settle window, switch); paid, no work");
+ABSL_FLAG(double, join_recovery_s, -1,
+          "plan: spotrain: seconds every worker stalls when joiners switch in (-1: "
+          "--peer_recovery_s)");
+ABSL_FLAG(int64_t, checkpoint_every_steps, 0,
+          "plan: checkpoint every this many steps in both spot modes, as checkpoint.every_steps "
+          "does (0: by seconds, see --checkpoint_interval_s)");
+ABSL_FLAG(std::string, timeline_out, "",
+          "plan: write trial 0 of spot+spotrain here: one line per event, \"time_s steps live "
+          "working\" (useful steps done so far, instances paid, instances in the group)");
 ABSL_FLAG(double, checkpoint_cost_s, 10,
           "plan: seconds training stalls per checkpoint (spotrain: the snapshot to host memory)");
 ABSL_FLAG(double, restore_cost_s, 30, "plan: seconds to load the last checkpoint after a rollback");
@@ -79,6 +101,40 @@ constexpr double kHour = 3600;
 
 absl::Status Usage(absl::string_view message) { return absl::InvalidArgumentError(message); }
 
+// "1:0.31,2:0.17,3:0.12" -> {0, 0.31, 0.17, 0.12}: every count 1..gpus exactly once.
+absl::StatusOr<std::vector<double>> ParseStepTimes(const std::string& text, int gpus) {
+  std::vector<double> times(gpus + 1, 0);
+  for (absl::string_view item : absl::StrSplit(text, ',')) {
+    std::vector<absl::string_view> kv = absl::StrSplit(item, ':');
+    int live = 0;
+    double seconds = 0;
+    if (kv.size() != 2 || !absl::SimpleAtoi(absl::StripAsciiWhitespace(kv[0]), &live) ||
+        !absl::SimpleAtod(absl::StripAsciiWhitespace(kv[1]), &seconds)) {
+      return Usage(absl::StrCat("--step_seconds_by_live: \"", item,
+                                "\" is not LIVE:SECONDS (e.g. \"1:0.31,2:0.17\")"));
+    }
+    if (live < 1 || live > gpus) {
+      return Usage(
+          absl::StrFormat("--step_seconds_by_live: %d live is outside 1..--gpus (%d)", live, gpus));
+    }
+    if (!(seconds > 0) || std::isinf(seconds)) {
+      return Usage(
+          absl::StrFormat("--step_seconds_by_live: the time for %d live must be > 0", live));
+    }
+    if (times[live] != 0) {
+      return Usage(absl::StrFormat("--step_seconds_by_live: %d live is given twice", live));
+    }
+    times[live] = seconds;
+  }
+  for (int k = 1; k <= gpus; ++k) {
+    if (times[k] == 0) {
+      return Usage(absl::StrFormat(
+          "--step_seconds_by_live: no step time for %d live (give every count 1..%d)", k, gpus));
+    }
+  }
+  return times;
+}
+
 // The request the flags describe; reads --trace.
 absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_source) {
   common::PlanRequest request;
@@ -93,7 +149,18 @@ absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_sourc
   if (job.gpus < 1) return Usage("--gpus must be at least 1");
   const double hours = absl::GetFlag(FLAGS_hours);
   const int64_t steps = absl::GetFlag(FLAGS_steps);
-  const double step_seconds = absl::GetFlag(FLAGS_step_seconds);
+  double step_seconds = absl::GetFlag(FLAGS_step_seconds);
+  const std::string by_live = absl::GetFlag(FLAGS_step_seconds_by_live);
+  if (!by_live.empty()) {
+    ASSIGN_OR_RETURN(job.step_s_by_live, ParseStepTimes(by_live, job.gpus));
+    if (step_seconds > 0 && step_seconds != job.step_s_by_live[job.gpus]) {
+      return Usage(absl::StrFormat(
+          "--step_seconds %g differs from --step_seconds_by_live's entry for --gpus %d (%g); "
+          "leave --step_seconds out",
+          step_seconds, job.gpus, job.step_s_by_live[job.gpus]));
+    }
+    step_seconds = job.step_s_by_live[job.gpus];
+  }
   if ((hours > 0) == (steps > 0)) {
     return Usage(
         "give the job length as either --hours (GPU-hours of useful work) or --steps with "
@@ -115,6 +182,11 @@ absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_sourc
   job.notice_s = absl::GetFlag(FLAGS_notice_s);
   job.peer_recovery_s = absl::GetFlag(FLAGS_peer_recovery_s);
   job.restart_overhead_s = absl::GetFlag(FLAGS_restart_overhead_s);
+  job.join_delay_s = absl::GetFlag(FLAGS_join_delay_s);
+  job.join_recovery_s = absl::GetFlag(FLAGS_join_recovery_s);
+  job.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  if (job.checkpoint_every_steps < 0) return Usage("--checkpoint_every_steps must be >= 0");
+  if (job.join_delay_s < 0) return Usage("--join_delay_s must be >= 0");
   job.min_gpus = absl::GetFlag(FLAGS_min_gpus);
   if (job.min_gpus < 1 || job.min_gpus > job.gpus) {
     return Usage(
@@ -139,6 +211,10 @@ absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_sourc
     }
     ASSIGN_OR_RETURN(common::CapacityTrace trace, common::ParseCapacityTrace(*text, trace_path));
     request.capacity.trace = std::make_shared<common::CapacityTrace>(std::move(trace));
+    request.capacity.trace_start_s = absl::GetFlag(FLAGS_trace_offset_s);
+    if (request.capacity.trace_start_s < 0 && request.capacity.trace_start_s != -1) {
+      return Usage("--trace_offset_s must be >= 0 (or -1: random)");
+    }
     *capacity_source = trace_path;
   } else {
     request.capacity.loss_rate_per_hour = rate;
@@ -162,6 +238,7 @@ absl::StatusOr<common::PlanRequest> RequestFromFlags(std::string* capacity_sourc
 
 std::string Duration(double s) {
   if (std::isinf(s)) return "never";
+  if (s < 10) return absl::StrFormat("%.3g s", s);
   if (s < 90) return absl::StrFormat("%.0f s", s);
   if (s < 90 * 60) return absl::StrFormat("%.1f min", s / 60);
   return absl::StrFormat("%.1f h", s / kHour);
@@ -169,6 +246,8 @@ std::string Duration(double s) {
 
 std::string IntervalText(const common::ModeEstimate& mode) {
   if (!mode.simulated) return "none needed";
+  const int64_t every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  if (every_steps > 0) return absl::StrFormat("%d steps (given)", every_steps);
   if (std::isinf(mode.interval_s)) return "none (no losses)";
   std::string why;
   if (mode.interval_overridden) {
@@ -200,10 +279,14 @@ std::string Table(const common::PlanRequest& request, const common::Plan& plan,
         &out,
         "capacity: trace %s: %d instances at peak, %d losses in %d events over %.2f h "
         "(%.3f per live instance-hour), as low as %d;\n"
-        "          replayed for %d GPU(s) from random offsets: %.1f%% of them live on average\n",
+        "          replayed for %d GPU(s) from %s: %.1f%% of them live on average\n",
         source, plan.trace.peak, plan.trace.losses, plan.trace.loss_events,
         plan.trace.window_s / kHour, plan.trace.loss_rate_per_instance_hour, plan.trace.min_live,
-        job.gpus, 100 * live_fraction);
+        job.gpus,
+        request.capacity.trace_start_s >= 0
+            ? absl::StrFormat("%s into its window", Duration(request.capacity.trace_start_s))
+            : std::string("random offsets"),
+        100 * live_fraction);
   } else {
     absl::StrAppendFormat(&out,
                           "capacity: independent instances, %.3g preemptions per instance-hour, "
@@ -213,10 +296,26 @@ std::string Table(const common::PlanRequest& request, const common::Plan& plan,
   }
   absl::StrAppendFormat(&out,
                         "costs: checkpoint %s, restore %s, restart %s, peer recovery %s, "
-                        "notice %s; %d trials, seed %d\n\n",
+                        "notice %s; %d trials, seed %d\n",
                         Duration(job.checkpoint_cost_s), Duration(job.restore_cost_s),
                         Duration(job.restart_overhead_s), Duration(job.peer_recovery_s),
                         Duration(job.notice_s), request.trials, request.seed);
+  if (job.join_delay_s > 0 || job.join_recovery_s >= 0 || !job.step_s_by_live.empty() ||
+      job.checkpoint_every_steps > 0) {
+    std::string times = "linear in the working GPUs";
+    if (!job.step_s_by_live.empty()) {
+      std::vector<std::string> items;
+      for (int k = 1; k <= job.gpus; ++k) {
+        items.push_back(absl::StrFormat("%d: %.4g s", k, job.step_s_by_live[k]));
+      }
+      times = absl::StrJoin(items, ", ");
+    }
+    absl::StrAppendFormat(
+        &out, "spotrain: join delay %.3g s, join stall %.3g s; step time by working GPUs: %s\n",
+        job.join_delay_s, job.join_recovery_s >= 0 ? job.join_recovery_s : job.peer_recovery_s,
+        times);
+  }
+  out += "\n";
 
   absl::StrAppendFormat(&out, "%-13s %7s %7s %6s %9s %9s %7s %6s %9s %6s %9s  %s\n", "mode",
                         "$/GPU-h", "wall h", "p90", "cost $", "p90", "goodput", "useful", "lost",
@@ -308,6 +407,16 @@ std::string JsonMode(const common::ModeEstimate& m) {
   return absl::StrCat("    {", absl::StrJoin(fields, ", "), "}");
 }
 
+// {"1": 0.31, "2": 0.17, ...}, or null when steps scale linearly.
+std::string StepTimesJson(const common::JobSpec& job) {
+  if (job.step_s_by_live.empty()) return "null";
+  std::vector<std::string> items;
+  for (int k = 1; k <= job.gpus; ++k) {
+    items.push_back(absl::StrFormat("\"%d\": %s", k, JsonNumber(job.step_s_by_live[k])));
+  }
+  return absl::StrCat("{", absl::StrJoin(items, ", "), "}");
+}
+
 std::string Json(const common::PlanRequest& request, const common::Plan& plan,
                  const std::string& source) {
   const common::JobSpec& job = request.job;
@@ -318,11 +427,15 @@ std::string Json(const common::PlanRequest& request, const common::Plan& plan,
       "\"spot_price\": %s, "
       "\"on_demand_price\": %s, \"checkpoint_cost_s\": %s, \"restore_cost_s\": %s, "
       "\"notice_s\": %s, \"peer_recovery_s\": %s, \"restart_overhead_s\": %s, "
-      "\"recovery\": %s, \"trials\": %d, \"seed\": %d},\n",
+      "\"join_delay_s\": %s, \"join_recovery_s\": %s, \"checkpoint_every_steps\": %d, "
+      "\"step_s_by_live\": %s, \"recovery\": %s, \"trials\": %d, \"seed\": %d},\n",
       job.gpus, job.min_gpus, JsonNumber(job.work_gpu_s / kHour), JsonNumber(job.step_s),
       JsonNumber(request.spot_price), JsonNumber(request.on_demand_price),
       JsonNumber(job.checkpoint_cost_s), JsonNumber(job.restore_cost_s), JsonNumber(job.notice_s),
       JsonNumber(job.peer_recovery_s), JsonNumber(job.restart_overhead_s),
+      JsonNumber(job.join_delay_s),
+      JsonNumber(job.join_recovery_s >= 0 ? job.join_recovery_s : job.peer_recovery_s),
+      job.checkpoint_every_steps, StepTimesJson(job),
       JsonString(common::RecoveryName(request.recovery)), request.trials, request.seed);
   absl::StrAppendFormat(&out, "  \"ideal_wall_hours\": %s,\n",
                         JsonNumber(plan.ideal_wall_s / kHour));
@@ -373,10 +486,25 @@ int RunPlan(int argc, char** argv) {
     std::fprintf(stderr, "spotrain plan: %s\n", std::string(request.status().message()).c_str());
     return absl::IsInvalidArgument(request.status()) ? 2 : 1;
   }
+  std::vector<common::TimelinePoint> timeline;
+  const std::string timeline_path = absl::GetFlag(FLAGS_timeline_out);
+  if (!timeline_path.empty()) request->timeline = &timeline;
   auto plan = common::MakePlan(*request);
   if (!plan.ok()) {
     std::fprintf(stderr, "spotrain plan: %s\n", std::string(plan.status().message()).c_str());
     return absl::IsInvalidArgument(plan.status()) ? 2 : 1;
+  }
+  if (!timeline_path.empty()) {
+    std::string lines = "# time_s steps live working (trial 0 of spot+spotrain)\n";
+    for (const common::TimelinePoint& p : timeline) {
+      absl::StrAppendFormat(&lines, "%.4f %.4f %d %d\n", p.time_s, p.steps, p.live, p.working);
+    }
+    const absl::Status written = common::WriteFileAtomically(timeline_path, lines);
+    if (!written.ok()) {
+      std::fprintf(stderr, "spotrain plan: cannot write --timeline_out %s: %s\n",
+                   timeline_path.c_str(), std::string(written.message()).c_str());
+      return 1;
+    }
   }
   const std::string text =
       absl::GetFlag(FLAGS_json) ? Json(*request, *plan, source) : Table(*request, *plan, source);

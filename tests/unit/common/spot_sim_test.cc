@@ -5,6 +5,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/file_util.h"
 #include "common/young_daly.h"
@@ -293,6 +294,65 @@ TEST(SimulateRunTest, BelowMinGpusTheJobWaits) {
   EXPECT_NEAR(p.wall_s, 7201 + (work - 4 * 3600) / 4, 1e-6);
   EXPECT_DOUBLE_EQ(p.lost_gpu_s, 0);
   EXPECT_EQ(p.restarts, 0);
+}
+
+TEST(SimulateRunTest, MeasuredStepTimesReplaceLinearScaling) {
+  JobSpec job = FourGpuJob(4 * 36000);
+  job.step_s_by_live = {0, 4, 2, 1.6, 1};  // 3 working: 1.6 s per step, not 4/3
+  const SimResult r = Scripted(kOneLoss, job, Recovery::kPeer, kInf);
+  ASSERT_TRUE(r.finished);
+  // 0-3600 s at 4 GPU-s/s (14400, a step boundary); 1 s recovery; 3601-7200 at 4/1.6 = 2.5
+  // (8997.5); 1 s recovery; the rest at 4.
+  EXPECT_NEAR(r.wall_s, 7201 + (4 * 36000.0 - 14400 - 8997.5) / 4, 1e-6);
+  EXPECT_EQ(r.peer_recoveries, 2);
+
+  job.step_s_by_live = {0, 4, 2, 1.6};  // one entry short
+  CapacityModel model;
+  model.trace = Trace(kOneLoss);
+  model.trace_start_s = 0;
+  auto capacity = CapacityProcess::Create(model, 4, 1);
+  ASSERT_TRUE(capacity.ok());
+  EXPECT_THAT(SimulateRun(job, Recovery::kPeer, kInf, *capacity).status().message(),
+              HasSubstr("step_s_by_live"));
+}
+
+TEST(SimulateRunTest, NewcomersWorkAfterTheJoinDelay) {
+  JobSpec job = FourGpuJob(4 * 36000);
+  job.join_delay_s = 100;
+  job.join_recovery_s = 5;
+  std::vector<TimelinePoint> timeline;
+  CapacityModel model;
+  model.trace = Trace(kOneLoss);
+  model.trace_start_s = 0;
+  auto capacity = CapacityProcess::Create(model, 4, 1);
+  ASSERT_TRUE(capacity.ok());
+  auto r = SimulateRun(job, Recovery::kPeer, kInf, *capacity, &timeline);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->finished);
+  // The first four work from 100 s (no stall: nothing to broadcast); 14000 done at the loss
+  // (a step boundary); 1 s recovery; 3601-7300 on 3 (the newcomer joins at 7300): 11097;
+  // a 5 s join stall; the rest on 4.
+  EXPECT_NEAR(r->wall_s, 7305 + (4 * 36000.0 - 14000 - 11097) / 4, 1e-6);
+  EXPECT_NEAR(r->stalled_s, 100 + 1 + 5, 1e-9);
+  EXPECT_NEAR(r->paid_gpu_s, 4 * 3600 + 3 * 3600 + 4 * (r->wall_s - 7200), 1e-6);
+  ASSERT_FALSE(timeline.empty());
+  EXPECT_EQ(timeline.front().working, 0);
+  EXPECT_EQ(timeline.front().live, 4);
+  EXPECT_NEAR(timeline.back().steps, 36000, 1e-6);
+  EXPECT_NEAR(timeline.back().time_s, r->wall_s, 1e-9);
+}
+
+TEST(SimulateRunTest, CheckpointEveryStepsRollsBackToAStepMultiple) {
+  JobSpec job = FourGpuJob(4 * 36000 + 400);
+  job.checkpoint_every_steps = 1000;  // 4000 GPU-s, 1000 s on 4
+  const SimResult r = Scripted(kWipe, job, Recovery::kPeer, kInf);
+  ASSERT_TRUE(r.finished);
+  // Checkpoints commit 4000, 8000 and 12000 (10 s stalls, at 1000, 2010, 3020 s); the wipe
+  // at 3600 s loses 2280; restore + recovery until 7231; then 132400 / 4 s of compute with
+  // 33 checkpoints (16000 .. 144000).
+  EXPECT_NEAR(r.lost_gpu_s, 2280, 1e-6);
+  EXPECT_EQ(r.checkpoints, 36);
+  EXPECT_NEAR(r.wall_s, 7231 + 33100 + 330, 1e-6);
 }
 
 TEST(SimulateRunTest, RejectsBadInput) {
