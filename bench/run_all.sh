@@ -2,7 +2,7 @@
 # Runs every benchmark of the project on this machine and regenerates docs/benchmarks.md
 # (tables, the machine, the date, plots). Needs a built tree (scripts/setup.sh), the demo
 # corpus (scripts/prepare_default_data.sh) and Debian's python3-torch for the PyTorch and
-# torchrun comparisons. Takes about 20 minutes on a 2-core machine; run it on a quiet machine.
+# torchrun comparisons. Takes about 27 minutes on a 2-core machine; run it on a quiet machine.
 #   bench/run_all.sh [BUILD_DIR]
 # Each benchmark's output lands in bench/out/<name>.txt (and .json where it writes one).
 set -euo pipefail
@@ -29,6 +29,7 @@ run deterministic_cost python3 bench/deterministic_cost.py
 run checkpoint "$build/tests/worker_checkpoint_test" --gtest_also_run_disabled_tests \
   --gtest_filter='CheckpointBench.*'
 BUILD=$build run coordinator_load bench/coordinator_load.sh
+run trace_validation python3 bench/trace_validation.py
 run plan "$build/bin/spotrain" plan --trace examples/traces/aws-p3-spot-32.csv --gpus 8 \
   --hours 192 --spot_price 0.918 --on_demand_price 3.06 --checkpoint_cost_s 10 \
   --restore_cost_s 30 --trials 200
