@@ -21,7 +21,8 @@
 //   - Conversion back: float(double(sum) * (factor * 2^-32)): one rounding in double, one to
 //     float, the same on every machine (IEEE-754, no fused operations across elements).
 //
-// All functions are pure and thread-safe (they touch only the buffers passed in).
+// All functions are thread-safe: they touch only the buffers passed in (and the testing switch
+// below, read relaxed).
 #ifndef SPOTRAIN_WORKER_FIXED_POINT_H_
 #define SPOTRAIN_WORKER_FIXED_POINT_H_
 
@@ -49,6 +50,12 @@ absl::Status ToFixedPoint(const float* src, int64_t n, int64_t* dst);
 // happen while at most kFixedPointMaxTerms terms are summed.
 absl::Status AccumulateFixedPoint(const float* src, int64_t n, int64_t* acc);
 
+// The training loop's form: like ToFixedPoint (assign) or AccumulateFixedPoint (!assign),
+// and sets each src[i] to 0 once read, so the gradient buffer is ready for the next
+// micro-batch without a separate zeroing pass. Same errors; on error src and acc are
+// partially updated (the step failed; discard both).
+absl::Status DrainToFixedPoint(float* src, int64_t n, int64_t* acc, bool assign);
+
 // acc[i] += src[i] (e.g. the accumulators of two groups of micro-batches). kOutOfRange,
 // naming the index, if an addition overflows int64.
 absl::Status AddFixedPoint(const int64_t* src, int64_t n, int64_t* acc);
@@ -56,6 +63,14 @@ absl::Status AddFixedPoint(const int64_t* src, int64_t n, int64_t* acc);
 // dst[i] = float(acc[i] / 2^32 * factor) for i in [0, n), e.g. factor = 1/G to average G
 // micro-batch gradients. Deterministic: equal accumulators give bit-identical floats.
 void FromFixedPoint(const int64_t* acc, int64_t n, double factor, float* dst);
+
+// On x86-64 CPUs with AVX2 the conversions run four elements at a time with exactly the
+// scalar loop's arithmetic (every step is exact or one IEEE rounding), so results are
+// bit-identical on every machine, with or without AVX2; tests compare the two.
+bool FixedPointUsesAvx2();
+// Tests only: false forces the scalar loops; true restores the CPU's choice. Not for use
+// while another thread converts.
+void SetFixedPointAvx2EnabledForTesting(bool enabled);
 
 }  // namespace spotrain::worker
 

@@ -78,17 +78,21 @@ absl::StatusOr<StepStats> Trainer::RunStep(Communicator& comm, int64_t control) 
 
   double loss_sum = 0;
   model_->ZeroGrads();
-  if (deterministic) std::fill(fixed_accum_.begin(), fixed_accum_.end(), 0);
+  if (deterministic && mine.begin == mine.end) {
+    std::fill(fixed_accum_.begin(), fixed_accum_.end(), 0);  // a rank with no micro-batch
+  }
   for (int j = mine.begin; j < mine.end; ++j) {
     train_->FillMicroBatch(config_.seed(), step_, j, config_.micro_batch(), inputs_.data(),
                            targets_.data());
     float loss;
     if (deterministic) {
       // Each micro-batch gradient alone, then exact integer accumulation: the sum does not
-      // depend on which rank computed which micro-batch.
-      model_->ZeroGrads();
+      // depend on which rank computed which micro-batch. The drain also zeroes the gradient
+      // buffer for the next micro-batch, and the first one assigns the accumulator, so no
+      // separate zeroing pass over either buffer is needed.
       loss = model_->ForwardBackward(inputs_.data(), targets_.data(), config_.micro_batch(), 1.0f);
-      absl::Status st = AccumulateFixedPoint(model_->grads(), n, fixed_accum_.data());
+      absl::Status st = DrainToFixedPoint(model_->grads(), n, fixed_accum_.data(),
+                                          /*assign=*/j == mine.begin);
       if (!st.ok()) {
         return absl::OutOfRangeError(
             absl::StrFormat("step %d, micro-batch %d: gradient does not fit fixed point: %s", step_,

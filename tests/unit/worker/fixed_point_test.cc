@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -191,6 +192,116 @@ std::vector<float> FloatStep(const std::vector<std::vector<float>>& micro,
   }
   for (float& x : total) x /= micro.size();
   return total;
+}
+
+// Inputs for the vector/scalar parity tests: the spread of real gradients plus every edge
+// the conversion has (ties at half a unit, signed zeros, the range limit, NaN, infinities),
+// at positions that fall in the vector body and in the tail.
+std::vector<float> ParityInputs(int n, uint32_t seed) {
+  std::vector<float> x = RandomMicroBatches(1, n, seed)[0];
+  const float edges[] = {std::ldexp(1.0f, -33),
+                         -std::ldexp(1.0f, -33),
+                         3 * std::ldexp(1.0f, -34),
+                         -3 * std::ldexp(1.0f, -34),
+                         0.0f,
+                         -0.0f,
+                         32767.998046875f,
+                         -32767.998046875f,
+                         1e-20f,
+                         -1e-20f,
+                         1.5f * std::ldexp(1.0f, -32)};
+  std::mt19937 rng(seed);
+  for (float e : edges) x[rng() % n] = e;
+  return x;
+}
+
+// Runs `fn` once with the AVX2 loops (where the CPU has them) and once with the scalar ones.
+template <typename Fn>
+void BothPaths(Fn fn) {
+  fn();
+  SetFixedPointAvx2EnabledForTesting(false);
+  fn();
+  SetFixedPointAvx2EnabledForTesting(true);
+}
+
+TEST(FixedPointTest, VectorAndScalarLoopsGiveIdenticalBits) {
+  if (!FixedPointUsesAvx2()) GTEST_SKIP() << "this CPU has no AVX2: only the scalar loops run";
+  for (int n : {1, 3, 4, 5, 8, 1001, 4099}) {
+    const std::vector<float> x = ParityInputs(n, 7 + n);
+    const std::vector<float> y = ParityInputs(n, 11 + n);
+    std::vector<std::vector<int64_t>> acc;
+    std::vector<std::vector<float>> back;
+    std::vector<std::vector<float>> drained;
+    BothPaths([&] {
+      std::vector<int64_t> a(n);
+      ASSERT_TRUE(ToFixedPoint(x.data(), n, a.data()).ok());
+      ASSERT_TRUE(AccumulateFixedPoint(y.data(), n, a.data()).ok());
+      std::vector<float> src = y;
+      std::vector<int64_t> d(n, 12345);
+      ASSERT_TRUE(DrainToFixedPoint(src.data(), n, d.data(), /*assign=*/true).ok());
+      drained.push_back(src);
+      ASSERT_TRUE(AddFixedPoint(d.data(), n, a.data()).ok());
+      acc.push_back(a);
+      std::vector<float> out(n);
+      FromFixedPoint(a.data(), n, 1.0 / 3, out.data());
+      back.push_back(out);
+    });
+    ASSERT_EQ(acc[0], acc[1]) << n;
+    ASSERT_EQ(std::memcmp(back[0].data(), back[1].data(), n * sizeof(float)), 0) << n;
+    for (const auto& d : drained) {
+      EXPECT_TRUE(std::all_of(d.begin(), d.end(), [](float v) { return v == 0.0f; })) << n;
+    }
+  }
+  // Accumulators beyond 2^51 take the exact scalar conversion inside the vector loop.
+  std::vector<int64_t> big = {int64_t{1} << 62,
+                              -(int64_t{1} << 60) - 7,
+                              5,
+                              -(int64_t{1} << 51),
+                              (int64_t{1} << 51) - 1,
+                              3,
+                              0,
+                              std::numeric_limits<int64_t>::min()};
+  std::vector<std::vector<float>> out;
+  BothPaths([&] {
+    std::vector<float> o(big.size());
+    FromFixedPoint(big.data(), big.size(), 0.25, o.data());
+    out.push_back(o);
+  });
+  EXPECT_EQ(std::memcmp(out[0].data(), out[1].data(), big.size() * sizeof(float)), 0);
+}
+
+TEST(FixedPointTest, ErrorsNameTheSameElementOnBothPaths) {
+  for (int bad : {0, 2, 5, 9}) {
+    std::vector<float> x(11, 0.25f);
+    x[bad] = std::numeric_limits<float>::quiet_NaN();
+    BothPaths([&] {
+      std::vector<int64_t> acc(x.size(), 0);
+      std::vector<float> src = x;
+      const absl::Status status = DrainToFixedPoint(src.data(), src.size(), acc.data(), false);
+      EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+      EXPECT_THAT(std::string(status.message()), HasSubstr(absl::StrCat("element ", bad, " is")));
+    });
+    // An int64 overflow of the addition, in the vector body and in the tail.
+    BothPaths([&] {
+      std::vector<int64_t> acc(x.size(), 0);
+      acc[bad] = std::numeric_limits<int64_t>::max();
+      std::vector<float> ok(x.size(), 0.25f);
+      const absl::Status status = AccumulateFixedPoint(ok.data(), ok.size(), acc.data());
+      EXPECT_EQ(status.code(), absl::StatusCode::kOutOfRange);
+      EXPECT_THAT(std::string(status.message()), HasSubstr(absl::StrCat("element ", bad, " ")));
+    });
+  }
+}
+
+TEST(FixedPointTest, DrainAssignsOrAccumulatesAndClearsTheSource) {
+  std::vector<float> g = {1.0f, -0.5f, 0.25f, 2.0f, -1.0f};
+  std::vector<int64_t> acc(g.size(), 99);
+  ASSERT_TRUE(DrainToFixedPoint(g.data(), g.size(), acc.data(), /*assign=*/true).ok());
+  EXPECT_EQ(g, std::vector<float>(g.size(), 0.0f));
+  g = {1.0f, -0.5f, 0.25f, 2.0f, -1.0f};
+  ASSERT_TRUE(DrainToFixedPoint(g.data(), g.size(), acc.data(), /*assign=*/false).ok());
+  const int64_t one = int64_t{1} << 32;
+  EXPECT_EQ(acc, (std::vector<int64_t>{2 * one, -one, one / 2, 4 * one, -2 * one}));
 }
 
 TEST(FixedPointTest, AnyGroupingOfMicroBatchesGivesIdenticalBits) {
