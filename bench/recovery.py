@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Recovery, scale-up and overhead benchmarks of elastic training on the CPU (issue: elastic).
+"""Recovery and scale-up benchmarks of elastic training on the CPU (issue: elastic).
 
   /usr/bin/python3 bench/recovery.py [--trials 5] [--skip-torch]
 
@@ -10,8 +10,8 @@
    nodes, same model, checkpoint every 10 steps): kill -9 one node, time to the next completed
    step of the restarted workers, and steps rolled back.
 2. Scale-up: 2 workers, a third starts; time from its Join to its first completed step.
-3. Overhead: one worker under a coordinator against the standalone worker, same config.
-Prints tables and writes bench/out/recovery.json.
+Prints tables and writes bench/out/recovery.json. The overhead of one worker under a
+coordinator against the standalone worker is bench/overhead.py (it reuses this file's trial).
 """
 import argparse
 import datetime
@@ -114,9 +114,10 @@ def median_ms(output, skip=5):
     return statistics.median(ms[skip:])
 
 
-def overhead_trial():
+def overhead_trial(steps=60):
+    """One standalone run and one one-worker elastic run of the same config (bench/overhead.py)."""
     work = tempfile.mkdtemp(prefix="bench-overhead-")
-    c = config(work, steps=60)
+    c = config(work, steps=steps)
     c.pop("checkpoint")
     path = os.path.join(work, "run.json")
     with open(path, "w") as f:
@@ -212,11 +213,6 @@ def main():
     result["torchrun_recovery"] = torch
     scale = [spotrain_scaleup_trial(i) for i in range(args.trials)]
     result["scaleup"] = scale
-    pairs = [overhead_trial() for _ in range(args.trials)]  # alternated: same load for both
-    standalone = statistics.median(p[0] for p in pairs)
-    elastic = statistics.median(p[1] for p in pairs)
-    result["overhead"] = {"standalone_ms": standalone, "elastic_ms": elastic,
-                          "ratio": elastic / standalone, "pairs": pairs}
 
     med = lambda xs, k: statistics.median(x[k] for x in xs)
     print(f"\nRecovery from kill -9 of 1 of 3 workers (gpt-tiny, CPU, {os.cpu_count()} cores, "
@@ -233,9 +229,6 @@ def main():
     print(f"\nScale-up 2 -> 3 workers: Join to first completed step, median "
           f"{med(scale, 'join_to_first_step_ms'):.0f} ms (process start to first step "
           f"{med(scale, 'process_start_to_first_step_ms'):.0f} ms; includes join_settle_ms 200)")
-    o = result["overhead"]
-    print(f"Overhead: standalone {o['standalone_ms']:.1f} ms/step, one worker under a coordinator "
-          f"{o['elastic_ms']:.1f} ms/step, ratio {o['ratio']:.3f}")
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "recovery.json"), "w") as f:
         json.dump(result, f, indent=2)
