@@ -47,14 +47,19 @@ def finish_and_check_digest(cluster, config, expect_workers=None):
     return status_lost
 
 
+def start_training(cluster, workers, min_step):
+    """Starts `workers` workers and waits until they train together at step >= min_step."""
+    for _ in range(workers):
+        cluster.start_worker()
+    return cluster.wait_status(lambda s: s["world_size"] == workers and s["step"] >= min_step,
+                               120, f"{workers} workers training")
+
+
 def scenario_kill9():
     config = small_config(DATA, deterministic=True, steps=60)
 
     def body(c):
-        for i in range(3):
-            c.start_worker()
-        c.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 10, 120,
-                      "3 workers training")
+        start_training(c, 3, 10)
         c.workers["w2"].signal(signal.SIGKILL)
         c.wait_status(lambda s: s["world_size"] == 2 and s["step"] >= 20, 120,
                       "the survivors to go on as 2")
@@ -72,10 +77,7 @@ def scenario_sigterm():
     config = small_config(DATA, deterministic=True, steps=60)
 
     def body(c):
-        for i in range(3):
-            c.start_worker()
-        c.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 10, 120,
-                      "3 workers training")
+        start_training(c, 3, 10)
         c.workers["w3"].signal(signal.SIGTERM)
         code = c.workers["w3"].wait(120)
         check(code == 0, f"w3 exited {code} after SIGTERM (expected 0)")
@@ -91,10 +93,7 @@ def scenario_sigstop():
     config = small_config(DATA, deterministic=True, steps=80)
 
     def body(c):
-        for i in range(3):
-            c.start_worker()
-        c.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 10, 120,
-                      "3 workers training")
+        start_training(c, 3, 10)
         stopped = c.workers["w2"]
         stopped.signal(signal.SIGSTOP)
         s = c.wait_status(lambda s: s["world_size"] == 2, 60,
@@ -113,10 +112,7 @@ def scenario_grow():
     config = small_config(DATA, deterministic=True, steps=80)
 
     def body(c):
-        c.start_worker()
-        c.start_worker()
-        s = c.wait_status(lambda s: s["world_size"] == 2 and s["step"] >= 10, 120,
-                          "2 workers training")
+        start_training(c, 2, 10)
         c.start_worker()
         c.start_worker()
         c.wait_status(lambda s: s["world_size"] == 4, 120, "world size 4")
@@ -132,10 +128,7 @@ def scenario_down_to_one():
     config = small_config(DATA, deterministic=True, steps=60)
 
     def body(c):
-        for i in range(3):
-            c.start_worker()
-        c.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 5, 120,
-                      "3 workers training")
+        start_training(c, 3, 5)
         c.workers["w1"].signal(signal.SIGKILL)
         c.workers["w3"].signal(signal.SIGKILL)
         s = c.wait_status(lambda s: s["world_size"] == 1, 120, "world size 1")
@@ -234,10 +227,7 @@ def scenario_bad_peers():
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(512)]
 
     def body(c):
-        for i in range(3):
-            c.start_worker()
-        c.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 5, 120,
-                      "3 workers training")
+        start_training(c, 3, 5)
         send_garbage(c.port, junk)
         for name in ("w1", "w2"):
             for port in listening_ports(c.workers[name].pid):
