@@ -11,7 +11,7 @@
    step of the restarted workers, and steps rolled back.
 2. Scale-up: 2 workers, a third starts; time from its Join to its first completed step.
 Prints tables and writes bench/out/recovery.json. The overhead of one worker under a
-coordinator against the standalone worker is bench/overhead.py (it reuses this file's trial).
+coordinator against the standalone worker is bench/overhead.py.
 """
 import argparse
 import datetime
@@ -112,27 +112,6 @@ def spotrain_scaleup_trial(i):
 def median_ms(output, skip=5):
     ms = [float(m) for m in re.findall(r"\| ([0-9.]+) ms/step", output)]
     return statistics.median(ms[skip:])
-
-
-def overhead_trial(steps=60):
-    """One standalone run and one one-worker elastic run of the same config (bench/overhead.py)."""
-    work = tempfile.mkdtemp(prefix="bench-overhead-")
-    c = config(work, steps=steps)
-    c.pop("checkpoint")
-    path = os.path.join(work, "run.json")
-    with open(path, "w") as f:
-        json.dump(c, f)
-    standalone = subprocess.run([os.path.join(harness.BIN, "spotrain-worker"), "--config", path],
-                                capture_output=True, text=True, check=True).stdout
-    cluster = harness.Cluster("overhead", c, workdir=work)
-    try:
-        cluster.start_coordinator()
-        cluster.start_worker()
-        cluster.wait_done(600)
-        elastic = cluster.workers["w1"].output()
-    finally:
-        cluster.close()
-    return median_ms(standalone), median_ms(elastic)
 
 
 def torch_recovery_trial(i):
