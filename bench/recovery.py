@@ -10,6 +10,8 @@
    nodes, same model, checkpoint every 10 steps): kill -9 one node, time to the next completed
    step of the restarted workers, and steps rolled back.
 2. Scale-up: 2 workers, a third starts; time from its Join to its first completed step.
+   Throughput: 1 worker, a second joins; the run's tokens/s before and after (on a machine
+   with a free core for the second worker, it should nearly double).
 Prints tables and writes bench/out/recovery.json. The overhead of one worker under a
 coordinator against the standalone worker is bench/overhead.py.
 """
@@ -109,6 +111,31 @@ def spotrain_scaleup_trial(i):
         cluster.close()
 
 
+def spotrain_throughput_trial(i):
+    """1 worker, then a second joins: run tokens/s before and after (issue: tokens/s rises)."""
+    work = tempfile.mkdtemp(prefix="bench-throughput-")
+    c = config(work, steps=120)
+    c.pop("checkpoint")
+    cluster = harness.Cluster(f"throughput{i}", c, workdir=work)
+    try:
+        cluster.start_coordinator()
+        cluster.start_worker()
+        cluster.wait_status(lambda s: s["world_size"] == 1 and s["step"] >= 25, 300, "1 worker")
+        cluster.start_worker("joiner")
+        e = wait_event(cluster, lambda e: e.get("cause") == "joined" and e.get("epoch", 0) > 1,
+                       120)
+        join_step = e["start_step"]
+        cluster.wait_done(600)
+        times = harness.step_times_ms(cluster.workers["w1"].output())
+        before = statistics.median(ms for step, ms in times if 5 < step <= join_step)
+        after = statistics.median(ms for step, ms in times if step > join_step + 3)
+        tokens = c["global_batch"] * c["seq_len"]
+        return {"join_step": join_step, "tokens_per_s_1": tokens / before * 1000,
+                "tokens_per_s_2": tokens / after * 1000, "rise": before / after}
+    finally:
+        cluster.close()
+
+
 def median_ms(output, skip=5):
     ms = [float(m) for m in re.findall(r"\| ([0-9.]+) ms/step", output)]
     return statistics.median(ms[skip:])
@@ -192,6 +219,8 @@ def main():
     result["torchrun_recovery"] = torch
     scale = [spotrain_scaleup_trial(i) for i in range(args.trials)]
     result["scaleup"] = scale
+    rise = [spotrain_throughput_trial(i) for i in range(args.trials)]
+    result["throughput_rise"] = rise
 
     med = lambda xs, k: statistics.median(x[k] for x in xs)
     print(f"\nRecovery from kill -9 of 1 of 3 workers (gpt-tiny, CPU, {os.cpu_count()} cores, "
@@ -208,6 +237,10 @@ def main():
     print(f"\nScale-up 2 -> 3 workers: Join to first completed step, median "
           f"{med(scale, 'join_to_first_step_ms'):.0f} ms (process start to first step "
           f"{med(scale, 'process_start_to_first_step_ms'):.0f} ms; includes join_settle_ms 200)")
+    print(f"Throughput 1 -> 2 workers (a second worker joins a running one): median "
+          f"{med(rise, 'tokens_per_s_1'):.0f} -> {med(rise, 'tokens_per_s_2'):.0f} tokens/s, "
+          f"x{med(rise, 'rise'):.2f} (run tokens/s from the first worker's ms/step; "
+          f"{os.cpu_count()} cores)")
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "recovery.json"), "w") as f:
         json.dump(result, f, indent=2)
