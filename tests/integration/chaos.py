@@ -150,6 +150,79 @@ def generate(seed, steps=None):
             "events": events}
 
 
+def trace_job_schedule(path, workers, seed, length):
+    """A job holding `workers` of the instance slots of a spot trace (time_ms,live_instances,
+    examples/traces/): every drop of the fleet preempts random live slots, every rise revives
+    random missing ones (random.Random(seed); the slot model of `spotrain plan`). Returns
+    [(x, live)] over the trace's window (from the first time the fleet reaches its peak),
+    with x scaled from 0 to `length`: one point per change of the job's count, then
+    (length, live at the end)."""
+    points = []
+    for line in open(path):
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith("time_ms"):
+            continue
+        t, v = (int(x) for x in line.split(","))
+        if points and points[-1][0] == t:
+            points[-1] = (t, v)  # one instant
+        else:
+            points.append((t, v))
+    peak = max(v for _, v in points)
+    window = points[next(i for i, (_, v) in enumerate(points) if v == peak):]
+    t0, span = window[0][0], window[-1][0] - window[0][0]
+    rng = random.Random(seed)
+    alive = [True] * peak
+    schedule = [(0.0, workers)]
+    for t, v in window[1:]:
+        now = sum(alive)
+        if v < now:
+            for i in rng.sample([i for i in range(peak) if alive[i]], now - v):
+                alive[i] = False
+        elif v > now:
+            for i in rng.sample([i for i in range(peak) if not alive[i]], v - now):
+                alive[i] = True
+        live = sum(alive[:workers])
+        if live != schedule[-1][1]:
+            schedule.append(((t - t0) / span * length, live))
+    schedule.append((float(length), schedule[-1][1]))
+    return schedule
+
+
+def from_trace(path, workers, seed, steps):
+    """A chaos schedule that replays a spot trace (trace_job_schedule) over step thresholds
+    4..steps-20: a drop kills the longest-running workers with -9, a rise starts new ones, a
+    drop to none is a full wipe whose new workers are those of the next rise (steps do not
+    advance while nobody is there, so the time at zero has no threshold)."""
+    points = trace_job_schedule(path, workers, seed, steps - 24)
+    running = [f"w{i}" for i in range(1, workers + 1)]
+    counter = workers
+    events = []
+    wiped_at = None
+    for x, live in points[1:-1]:
+        at = 4 + int(x)
+        if wiped_at is not None:  # the rise after a wipe: the wipe restarts that many
+            running = [f"w{counter + i}" for i in range(1, live + 1)]
+            counter += live
+            events.append({"at": wiped_at, "action": "full_wipe", "restart": list(running)})
+            wiped_at = None
+            continue
+        if live == 0:
+            wiped_at = at
+        elif live < len(running):
+            for victim in running[:len(running) - live]:
+                events.append({"at": at, "action": "kill9", "worker": victim})
+            running = running[len(running) - live:]
+        else:
+            for _ in range(live - len(running)):
+                counter += 1
+                running.append(f"w{counter}")
+                events.append({"at": at, "action": "join", "name": running[-1]})
+    if wiped_at is not None:
+        events.append({"at": wiped_at, "action": "full_wipe", "restart": 1})
+    name = f"trace-{os.path.splitext(os.path.basename(path))[0]}-{workers}w-seed{seed}"
+    return {"name": name, "steps": steps, "initial_workers": workers, "events": events}
+
+
 def validate(schedule):
     """Checks a hand-written schedule's shape; returns it with defaults filled in."""
     s = dict(schedule)
@@ -616,6 +689,13 @@ def main(argv):
     p.add_argument("--schedule", action="append", default=[],
                    help="run a schedule from a JSON file, or builtin:NAME (all_events, "
                    "late_coordinator_restart) (repeatable)")
+    p.add_argument("--trace", action="append", default=[],
+                   help="replay a spot availability trace (time_ms,live_instances, e.g. "
+                   "examples/traces/aws-p3-spot-32.csv) over the run's steps (repeatable)")
+    p.add_argument("--trace-workers", type=int, default=3,
+                   help="with --trace: instance slots of the trace's fleet the job holds")
+    p.add_argument("--trace-seed", type=int, default=1,
+                   help="with --trace: which slots each drop and rise hits")
     p.add_argument("--soak", type=float, default=0,
                    help="run random seeds (from --seed, else from the clock) for this many seconds")
     p.add_argument("--steps", type=int, default=0, help="steps of generated schedules "
@@ -630,13 +710,15 @@ def main(argv):
     args = p.parse_args(argv[1:])
 
     schedules = [load_schedule(s) for s in args.schedule]
+    schedules += [validate(from_trace(t, args.trace_workers, args.trace_seed, args.steps or 100))
+                  for t in args.trace]
     seeds = list(args.seed)
     if len(seeds) == 1 and args.count > 1:
         seeds = list(range(seeds[0], seeds[0] + args.count))
     if not args.soak:
         schedules += [generate(s, args.steps or None) for s in seeds]
         if not schedules:
-            p.error("give --seed, --schedule or --soak")
+            p.error("give --seed, --schedule, --trace or --soak")
     if args.print:
         for s in schedules:
             print(json.dumps(s, indent=2))
