@@ -1,7 +1,8 @@
 // Young/Daly checkpoint intervals: how often to checkpoint so that the time spent writing
 // checkpoints plus the work expected to be lost to interruptions is smallest. Used by
-// `spotrain plan` (common/spot_sim.h) and meant for the coordinator's `every_steps: "auto"`
-// (DESIGN.md section 5). Pure functions of their arguments; thread-safe.
+// `spotrain plan` (common/spot_sim.h) and by the coordinator's `every_steps: "auto"`
+// (coordinator/checkpoint_policy.h, DESIGN.md section 5). Pure functions of their arguments;
+// thread-safe.
 //
 // Notation (all in seconds): C the checkpoint cost (the time training stalls for one
 // checkpoint), M the mean time between interrupts that roll the job back to its last

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,21 @@ std::string EventToJson(const MembershipEvent& e) {
       "},\"lost_steps\":", e.lost_steps, "}");
 }
 
+std::string IntervalDecisionToJson(const IntervalDecision& d) {
+  auto num = [](double v) {
+    return v < 0 || !std::isfinite(v) ? std::string("null") : absl::StrFormat("%.6g", v);
+  };
+  return absl::StrCat(
+      "{\"time\":", Quote(absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", d.time, absl::UTCTimeZone())),
+      ",\"event\":\"checkpoint_interval\",\"reason\":", Quote(d.reason),
+      ",\"cost_s\":", num(d.cost_s), ",\"write_s\":", num(d.write_s), ",\"mtbl_s\":", num(d.mtbl_s),
+      ",\"mtbl_prior_s\":", num(d.mtbl_prior_s), ",\"prior_weight\":", num(d.prior_weight),
+      ",\"observed_s\":", num(d.observed_s), ",\"losses\":", d.losses,
+      ",\"step_ms\":", num(d.step_ms), ",\"young_s\":", num(d.young_s),
+      ",\"daly_s\":", num(d.daly_s), ",\"interval_s\":", num(d.interval_s),
+      ",\"bound\":", Quote(d.bound), ",\"every_steps\":", d.every_steps, "}");
+}
+
 EventLog::~EventLog() {
   if (fd_ >= 0) ::close(fd_);
 }
@@ -46,8 +62,14 @@ absl::StatusOr<std::unique_ptr<EventLog>> EventLog::Open(const std::string& path
   return std::unique_ptr<EventLog>(new EventLog(path, fd));
 }
 
-absl::Status EventLog::Write(const MembershipEvent& event) {
-  const std::string line = EventToJson(event) + "\n";
+absl::Status EventLog::Write(const MembershipEvent& event) { return WriteLine(EventToJson(event)); }
+
+absl::Status EventLog::Write(const IntervalDecision& decision) {
+  return WriteLine(IntervalDecisionToJson(decision));
+}
+
+absl::Status EventLog::WriteLine(const std::string& json) {
+  const std::string line = json + "\n";
   // O_APPEND and a single write: concurrent readers see whole lines.
   ssize_t n;
   do {

@@ -96,6 +96,13 @@ Membership::Membership(const proto::RunConfig& config, const proto::CoordinatorS
   for (int64_t step : restored.committed_steps()) registry_.RestoreCommitted(step);
   for (const proto::ShardWritten& shard : restored.pending_shards()) {
     (void)registry_.AddShard(shard, now);
+    last_shard_step_ = std::max(last_shard_step_, shard.step());
+  }
+  if (common::AutoCheckpointInterval(config_)) {
+    CheckpointPolicyOptions options;
+    options.mtbl_prior_s = config_.checkpoint().mtbf_prior_s();
+    options.max_every_steps = std::max<int64_t>(1, config_.steps());
+    policy_.emplace(options, now);
   }
   run_completed_ = restored.progress().completed_steps();
   last_counted_step_ = run_completed_ - 1;
@@ -266,6 +273,15 @@ absl::StatusOr<proto::JoinResponse> Membership::Join(const proto::JoinRequest& r
                  id, w.name, request.held_fingerprint());
   }
   ++counters_.joins;
+  if (request.previous_worker_id() != 0 && request.previous_worker_id() != id) {
+    w.previous_ids.push_back(request.previous_worker_id());
+    const WorkerInfo* earlier = Find(request.previous_worker_id());
+    if (earlier != nullptr) {
+      for (uint64_t p : earlier->previous_ids) {
+        if (w.previous_ids.size() < 16) w.previous_ids.push_back(p);
+      }
+    }
+  }
 
   if (request.previous_worker_id() != 0 && request.previous_worker_id() != id) {
     WorkerInfo* previous = Find(request.previous_worker_id());
@@ -440,9 +456,11 @@ absl::Status Membership::OnStepDone(WorkerInfo& w, const proto::StepDone& m, Act
     if (m.step_ms() > 0 && m.step_ms() < 1e9) {
       useful_step_ms_ += m.step_ms();
       recent_step_ms_ = m.step_ms();
+      if (policy_) policy_->OnStep(m.step_ms());
     }
   }
   if (!prep_) NoteProgress(completed);
+  MaybeOrderCheckpoint(actions);
   if (open_event_ && open_event_->event.epoch == m.epoch() &&
       open_event_->first_step_seen == absl::InfiniteFuture()) {
     open_event_->first_step_seen = now;
@@ -513,8 +531,14 @@ absl::Status Membership::OnShardWritten(WorkerInfo& w, const proto::ShardWritten
     return absl::FailedPreconditionError(
         absl::StrFormat("ShardWritten for unknown or too old epoch %d", m.epoch()));
   }
-  if (plan->second.world_size() != m.world_size() ||
-      plan->second.members(m.rank()).worker_id() != w.id) {
+  const uint64_t writer =
+      plan->second.world_size() == m.world_size() ? plan->second.members(m.rank()).worker_id() : 0;
+  // A worker that re-joined (coordinator restart, fenced) reports shards it wrote under its
+  // previous id: still its own (the registry checks them against the other ranks').
+  const bool own =
+      writer == w.id || (writer != 0 && std::find(w.previous_ids.begin(), w.previous_ids.end(),
+                                                  writer) != w.previous_ids.end());
+  if (!own) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "worker %d is not rank %d of %d in epoch %d", w.id, m.rank(), m.world_size(), m.epoch()));
   }
@@ -532,6 +556,11 @@ absl::Status Membership::OnShardWritten(WorkerInfo& w, const proto::ShardWritten
   proto::JournalRecord r;
   *r.mutable_shard_written() = m;
   Journal(std::move(r), /*sync=*/false, actions);
+  last_shard_step_ = std::max(last_shard_step_, m.step());
+  if (policy_) {
+    policy_->OnShardReport(m.step(), m.snapshot_ms(), m.write_ms());
+    if (added->has_value()) policy_->OnCheckpointComplete(m.step());
+  }
   if (added->has_value()) {
     ReadyCheckpoint ready = std::move(**added);
     auto model = common::ModelConfigForPreset(config_.model());
@@ -556,6 +585,7 @@ absl::Status Membership::OnShardFailed(WorkerInfo& w, const proto::ShardFailed& 
   }
   registry_.MarkFailed(m.step(), m.epoch(),
                        absl::StrFormat("worker %d: %s", w.id, m.error().substr(0, 512)));
+  if (policy_) policy_->OnCheckpointFailed(m.step());
   ++counters_.checkpoint_failures;
   SPOTRAIN_LOG(Error, "%s", registry_.failure_message());
   proto::JournalRecord r;
@@ -640,6 +670,7 @@ void Membership::MarkLost(WorkerInfo& w, const std::string& reason, Actions* act
                           w.epoch == plan_.epoch() && run_state_ == RunState::kRunning;
   const int64_t epoch = w.epoch;
   ++counters_.losses;
+  if (was_member && policy_) policy_->OnLoss(clock_->Now());
   SPOTRAIN_LOG(Warning, "worker %d (%s, %s in epoch %d) lost: %s", w.id, w.name,
                WorkerStateName(previous), epoch, reason);
   Stop(w,
@@ -722,7 +753,48 @@ void Membership::Tick(Actions* actions) {
   while (!recent_tokens_.empty() && now - recent_tokens_.front().first > kTokenWindow) {
     recent_tokens_.pop_front();
   }
+  EvaluateCheckpointInterval(actions);
   Reconcile(actions);
+}
+
+void Membership::EvaluateCheckpointInterval(Actions* actions) {
+  if (!policy_ || run_state_ == RunState::kDone) return;
+  const absl::Time now = clock_->Now();
+  policy_->Observe(now, run_state_ == RunState::kRunning);
+  std::optional<IntervalDecision> d = policy_->Evaluate(now);
+  if (d) {
+    SPOTRAIN_LOG(Info,
+                 "checkpoint interval (%s): every %d steps; C %.4f s (snapshot stall), write "
+                 "%.4f s, M %.1f s = (prior %.0f s x %g + observed %.1f s) / (%g + %d losses), "
+                 "step %.2f ms; Young %.2f s, Daly %.2f s, interval %.2f s, bound %s",
+                 d->reason, d->every_steps, d->cost_s, d->write_s, d->mtbl_s, d->mtbl_prior_s,
+                 d->prior_weight, d->observed_s, d->prior_weight, d->losses, d->step_ms, d->young_s,
+                 d->daly_s, d->interval_s, d->bound);
+    actions->interval_decisions.push_back(std::move(*d));
+  }
+  MaybeOrderCheckpoint(actions);
+}
+
+void Membership::MaybeOrderCheckpoint(Actions* actions) {
+  if (!policy_ || run_state_ != RunState::kRunning || prep_ || restoring_) return;
+  if (run_completed_ >= config_.steps()) return;  // the final checkpoint comes anyway
+  const int64_t last = std::max(registry_.LastCommitted(), last_shard_step_);
+  if (!policy_->ShouldOrder(run_completed_, last)) return;
+  // The flag is summed in-band with the next step's gradients, so one rank is enough (every
+  // rank told would make each of them start one checkpoint).
+  for (const proto::Member& m : plan_.members()) {
+    const WorkerInfo* w = worker(m.worker_id());
+    if (w == nullptr || !w->session_open || w->state != WorkerState::kActive) continue;
+    proto::CoordinatorMessage msg;
+    msg.mutable_command()->set_checkpoint_now(true);
+    msg.mutable_command()->set_message(
+        absl::StrFormat("periodic checkpoint (every %d steps)", policy_->every_steps()));
+    Send(w->id, std::move(msg), actions);
+    policy_->OnOrdered(run_completed_);
+    SPOTRAIN_LOG(Info, "ordered a checkpoint at step %d (every %d steps, last %d) from worker %d",
+                 run_completed_, policy_->every_steps(), last, w->id);
+    return;
+  }
 }
 
 void Membership::OnCheckpointCommitted(const ReadyCheckpoint& checkpoint,
@@ -1018,6 +1090,7 @@ void Membership::FinishPreparation(Actions* actions) {
   }
   const int64_t lost = std::max<int64_t>(0, run_completed_ - decision.start_step);
   run_completed_ = decision.start_step;
+  if (policy_) policy_->OnPlan(decision.start_step);
   if (IsRecoveryCause(p.cause)) ++counters_.recoveries;
   counters_.lost_steps += lost;
   ++counters_.plans;
@@ -1158,6 +1231,12 @@ proto::RunStatus Membership::Status() const {
   s.set_max_workers(config_.max_workers());
   s.set_goodput(goodput());
   s.set_checkpoint_error(registry_.failure_message());
+  s.set_checkpoint_failures(counters_.checkpoint_failures);
+  s.set_checkpoint_interval_auto(policy_.has_value());
+  s.set_checkpoint_every_steps(policy_ ? policy_->every_steps()
+                                       : common::FixedCheckpointInterval(config_));
+  s.set_checkpoint_cost_s(policy_ ? policy_->cost_s() : -1);
+  s.set_checkpoint_mtbl_s(policy_ ? policy_->mtbl_s() : 0);
   if (prep_) {
     s.set_message(absl::StrFormat("preparing epoch %d (%s): %d of %d ready", prep_->epoch,
                                   prep_->cause, prep_->ready.size(), prep_->candidates.size()));

@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
+#include "coordinator/checkpoint_policy.h"
 #include "coordinator/checkpoint_registry.h"
 #include "proto/config.pb.h"
 #include "proto/spotrain.pb.h"
@@ -83,6 +84,8 @@ struct Actions {
   std::vector<StreamClose> closes;
   std::vector<int64_t> prune_steps;  // committed checkpoints to delete
   std::vector<MembershipEvent> events;
+  // checkpoint.every_steps "auto": interval decisions to log (events.jsonl).
+  std::vector<IntervalDecision> interval_decisions;
   // Observations for metrics.
   std::vector<double> recovery_seconds;
   std::vector<double> checkpoint_commit_seconds;
@@ -119,6 +122,9 @@ class Membership {
     int64_t prepared_epoch = 0;  // epoch of the last Prepare it was sent
     int64_t leave_deadline_unix_ms = 0;
     std::string leave_reason;
+    // Ids this process had before (JoinRequest.previous_worker_id, and theirs): its shard
+    // reports of an epoch it was a member of under one of them are still its own.
+    std::vector<uint64_t> previous_ids;
   };
 
   // `restored` is the durable state read from the state dir (an empty one for a new run;
@@ -170,6 +176,8 @@ class Membership {
   // The event of the current plan while its recovery timeline is still being filled in.
   const MembershipEvent* open_event() const { return open_event_ ? &open_event_->event : nullptr; }
   const CheckpointRegistry& registry() const { return registry_; }
+  // The automatic checkpoint interval; null unless checkpoint.every_steps is "auto".
+  const CheckpointPolicy* checkpoint_policy() const { return policy_ ? &*policy_ : nullptr; }
   int64_t completed_steps() const { return run_completed_; }
   const std::string& run_id() const { return run_id_; }
   uint64_t fingerprint() const { return fingerprint_; }
@@ -213,6 +221,9 @@ class Membership {
   void CheckRunDone(Actions* actions);
   void FinalizeEvent(Actions* actions);
   void NoteProgress(int64_t completed_steps);
+  // "auto" interval: re-evaluates it when due and orders a checkpoint when one is due.
+  void EvaluateCheckpointInterval(Actions* actions);
+  void MaybeOrderCheckpoint(Actions* actions);
   void Journal(proto::JournalRecord record, bool sync, Actions* actions);
   void JournalProgress(Actions* actions);
   bool IsPlanMember(uint64_t id) const;
@@ -266,6 +277,8 @@ class Membership {
   std::string pause_message_;
 
   CheckpointRegistry registry_;
+  std::optional<CheckpointPolicy> policy_;
+  int64_t last_shard_step_ = -1;  // newest checkpoint step any rank reported
   MembershipCounters counters_;
 };
 

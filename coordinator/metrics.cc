@@ -34,6 +34,22 @@ struct Metrics::Impl {
       Gauge("spotrain_goodput_ratio", "Useful step time over wall time since the first plan");
   prometheus::Gauge& last_checkpoint =
       Gauge("spotrain_last_checkpoint_step", "Step of the newest committed checkpoint (-1: none)");
+  prometheus::Gauge& checkpoint_interval =
+      Gauge("spotrain_checkpoint_interval_steps",
+            "Current checkpoint interval in steps (every_steps, or the \"auto\" decision)");
+  prometheus::Gauge& checkpoint_cost =
+      Gauge("spotrain_checkpoint_cost_seconds",
+            "\"auto\": measured checkpoint cost C, the snapshot stall (-1: not measured)");
+  prometheus::Gauge& checkpoint_mtbl =
+      Gauge("spotrain_checkpoint_mtbl_seconds",
+            "\"auto\": mean time between losses M used for the interval (0: fixed interval)");
+  prometheus::Family<prometheus::Gauge>& checkpoint_error =
+      prometheus::BuildGauge()
+          .Name("spotrain_checkpoint_last_error")
+          .Help("1, labelled with the last checkpoint that could not be committed and why")
+          .Register(*registry);
+  prometheus::Gauge* checkpoint_error_gauge = nullptr;
+  std::string checkpoint_error_text;
   prometheus::Counter& losses = Counter("spotrain_worker_losses_total", "Workers declared lost");
   prometheus::Counter& leaves =
       Counter("spotrain_announced_leaves_total", "Announced leaves (preemption notices)");
@@ -106,6 +122,18 @@ void Metrics::Update(const proto::RunStatus& status, const MembershipCounters& c
   m.tokens_per_second.Set(status.tokens_per_s());
   m.goodput.Set(status.goodput());
   m.last_checkpoint.Set(static_cast<double>(status.last_checkpoint_step()));
+  m.checkpoint_interval.Set(static_cast<double>(status.checkpoint_every_steps()));
+  m.checkpoint_cost.Set(status.checkpoint_interval_auto() ? status.checkpoint_cost_s() : -1);
+  m.checkpoint_mtbl.Set(status.checkpoint_mtbl_s());
+  if (status.checkpoint_error() != m.checkpoint_error_text) {
+    if (m.checkpoint_error_gauge != nullptr) m.checkpoint_error.Remove(m.checkpoint_error_gauge);
+    m.checkpoint_error_gauge = nullptr;
+    m.checkpoint_error_text = status.checkpoint_error();
+    if (!m.checkpoint_error_text.empty()) {
+      m.checkpoint_error_gauge = &m.checkpoint_error.Add({{"error", m.checkpoint_error_text}});
+      m.checkpoint_error_gauge->Set(1);
+    }
+  }
   auto advance = [](prometheus::Counter& counter, int64_t now, int64_t& seen) {
     if (now > seen) counter.Increment(static_cast<double>(now - seen));
     seen = std::max(seen, now);

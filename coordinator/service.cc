@@ -567,6 +567,12 @@ void CoordinatorService::Apply(Actions& actions) {
       if (!s.ok()) SPOTRAIN_LOG(Error, "events: %s", std::string(s.message()));
     }
   }
+  for (const IntervalDecision& d : actions.interval_decisions) {
+    if (events_ != nullptr) {
+      absl::Status s = events_->Write(d);
+      if (!s.ok()) SPOTRAIN_LOG(Error, "events: %s", std::string(s.message()));
+    }
+  }
   if (metrics_ != nullptr) {
     for (double s : actions.recovery_seconds) metrics_->ObserveRecovery(s);
     for (double s : actions.checkpoint_commit_seconds) metrics_->ObserveCheckpointCommit(s);

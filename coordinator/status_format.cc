@@ -46,7 +46,11 @@ std::string RunStatusToJson(const proto::RunStatus& s) {
       ",\"run_id\":", Quote(s.run_id()), ",\"preparing_epoch\":", s.preparing_epoch(),
       ",\"min_workers\":", s.min_workers(), ",\"max_workers\":", s.max_workers(),
       ",\"message\":", Quote(s.message()), ",\"checkpoint_error\":", Quote(s.checkpoint_error()),
-      "}");
+      ",\"checkpoint_failures\":", s.checkpoint_failures(),
+      ",\"checkpoint_every_steps\":", s.checkpoint_every_steps(),
+      ",\"checkpoint_interval_auto\":", s.checkpoint_interval_auto() ? "true" : "false",
+      ",\"checkpoint_cost_s\":", Number(s.checkpoint_cost_s()),
+      ",\"checkpoint_mtbl_s\":", Number(s.checkpoint_mtbl_s()), "}");
 }
 
 std::string RunStatusToTable(const proto::RunStatus& s) {
@@ -61,8 +65,20 @@ std::string RunStatusToTable(const proto::RunStatus& s) {
                 s.last_checkpoint_step() < 0 ? std::string("none")
                                              : absl::StrCat("step ", s.last_checkpoint_step()),
                 s.recoveries(), s.lost_steps(), s.tokens_per_s(), s.goodput()));
+  if (s.checkpoint_interval_auto()) {
+    absl::StrAppend(&out,
+                    absl::StrFormat("checkpoint interval: auto, every %d steps (C %s, M %.0f s)\n",
+                                    s.checkpoint_every_steps(),
+                                    s.checkpoint_cost_s() < 0
+                                        ? std::string("not measured yet")
+                                        : absl::StrFormat("%.3f s", s.checkpoint_cost_s()),
+                                    s.checkpoint_mtbl_s()));
+  } else if (s.checkpoint_every_steps() > 0) {
+    absl::StrAppend(&out, "checkpoint interval: every ", s.checkpoint_every_steps(), " steps\n");
+  }
   if (!s.checkpoint_error().empty()) {
-    absl::StrAppend(&out, "checkpoint error: ", s.checkpoint_error(), "\n");
+    absl::StrAppend(&out, "checkpoint error (", s.checkpoint_failures(),
+                    " failed so far): ", s.checkpoint_error(), "\n");
   }
   if (s.members_size() == 0) return out + "no workers\n";
   absl::StrAppend(&out, absl::StrFormat("%6s  %-20s %-24s %4s  %-12s %10s %8s\n", "ID", "NAME",

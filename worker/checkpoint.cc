@@ -77,6 +77,8 @@ proto::ShardWritten ToShardWritten(const ShardWriteResult& r) {
   m.set_checksum(r.checksum);
   m.set_state_digest(r.state_digest);
   m.set_state_floats(r.state_floats);
+  m.set_snapshot_ms(r.snapshot_ms);
+  m.set_write_ms(r.write_ms);
   return m;
 }
 
@@ -148,12 +150,13 @@ absl::StatusOr<SnapshotStats> CheckpointWriter::Snapshot(const Trainer& trainer,
     job.state_digest = trainer.StateDigest();
     stats.digest_ms = MsSince(digest_start);
   }
+  stats.total_ms = MsSince(start);
+  job.snapshot_ms = stats.total_ms;
   {
     absl::MutexLock lock(&mu_);
     job_ = std::move(job);
     have_snapshot_ = true;
   }
-  stats.total_ms = MsSince(start);
   return stats;
 }
 
@@ -230,6 +233,7 @@ ShardWriteResult CheckpointWriter::Write(const Job& job) {
   r.length = job.range.length;
   r.state_floats = job.state_floats;
   r.state_digest = job.state_digest;
+  r.snapshot_ms = job.snapshot_ms;
   const float* payload = buffer_.data();
   if (job.full_state) {
     common::Sha256 sha;

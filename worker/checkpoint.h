@@ -58,8 +58,9 @@ struct ShardWriteResult {
   std::string checksum;      // hex xxh64 of the payload
   std::string state_digest;  // hex SHA-256 of the whole logical state
   int64_t state_floats = 0;
-  int64_t bytes = 0;    // size of the shard file
-  double write_ms = 0;  // background time: digest (if deferred), checksum, write, fsyncs
+  int64_t bytes = 0;       // size of the shard file
+  double write_ms = 0;     // background time: digest (if deferred), checksum, write, fsyncs
+  double snapshot_ms = 0;  // the training stall of its Snapshot (SnapshotStats::total_ms)
 };
 
 // The Session reports for a result (ToShardWritten requires result.status.ok()).
@@ -134,6 +135,7 @@ class CheckpointWriter {
     StateRange range;
     bool full_state = false;   // buffer_ holds the whole state, not just `range`
     std::string state_digest;  // empty: compute it in the background from buffer_
+    double snapshot_ms = 0;
   };
 
   void Run() ABSL_LOCKS_EXCLUDED(mu_);

@@ -74,6 +74,7 @@ class Sim {
   Membership& m() { return *m_; }
   const std::vector<MembershipEvent>& events() const { return events_; }
   const proto::CoordinatorState& durable() const { return state_; }
+  const std::vector<IntervalDecision>& decisions() const { return decisions_; }
 
  private:
   void Apply(Actions& a) {
@@ -107,6 +108,7 @@ class Sim {
     }
     for (int64_t s : a.prune_steps) pruned_.push_back(s);
     for (MembershipEvent& e : a.events) events_.push_back(std::move(e));
+    for (IntervalDecision& d : a.interval_decisions) decisions_.push_back(std::move(d));
     if (a.run_done) run_done_ = true;
     for (const ReadyCheckpoint& c : commits) {
       commits_.push_back(c.step);
@@ -281,7 +283,8 @@ class Sim {
       msg.mutable_collective_failed()->set_error("peer closed");
       Message(args[1], msg, expected);
     } else if (cmd == "shard") {
-      // shard NAME STEP [digest=d] [epoch=E] [floats=N]: shard of the worker's current plan.
+      // shard NAME STEP [digest=d] [epoch=E] [floats=N] [stall=MS] [write=MS]: shard of the
+      // worker's current plan (rank and world size of the last plan it got).
       FakeWorker& w = W(args[1]);
       auto o = Options(args, 3);
       const int64_t floats = o.count("floats") ? Int(o["floats"]) : 1000;
@@ -299,6 +302,8 @@ class Sim {
       s->set_checksum("0123456789abcdef");
       s->set_state_digest(std::string(64, o.count("digest") ? o["digest"][0] : 'a'));
       s->set_state_floats(floats);
+      if (o.count("stall")) s->set_snapshot_ms(Int(o["stall"]));
+      if (o.count("write")) s->set_write_ms(Int(o["write"]));
       Message(args[1], msg, expected);
     } else if (cmd == "shardfail") {
       FakeWorker& w = W(args[1]);
@@ -403,6 +408,22 @@ class Sim {
       FakeWorker& w = W(args[1]);
       ASSERT_TRUE(w.command.has_value());
       EXPECT_TRUE(w.command->checkpoint_now());
+    } else if (cmd == "expect_orders") {
+      // expect_orders NAME N: checkpoint_now commands it received so far.
+      int64_t n = 0;
+      for (const auto& m : W(args[1]).inbox) {
+        if (m.has_command() && m.command().checkpoint_now()) ++n;
+      }
+      EXPECT_EQ(n, Int(args[2])) << args[1];
+    } else if (cmd == "expect_every_steps") {
+      ASSERT_NE(m_->checkpoint_policy(), nullptr);
+      EXPECT_EQ(m_->checkpoint_policy()->every_steps(), Int(args[1]));
+      EXPECT_EQ(m_->Status().checkpoint_every_steps(), Int(args[1]));
+    } else if (cmd == "expect_decisions") {
+      // expect_decisions REASON...: the interval decisions logged so far.
+      std::vector<std::string> got;
+      for (const IntervalDecision& d : decisions_) got.push_back(d.reason);
+      EXPECT_EQ(absl::StrJoin(got, " "), absl::StrJoin(args.begin() + 1, args.end(), " "));
     } else if (cmd == "expect_rejected") {
       FakeWorker& w = W(args[1]);
       ASSERT_TRUE(w.rejected.has_value());
@@ -458,6 +479,7 @@ class Sim {
   uint64_t max_id_ = 0;
   std::vector<int64_t> commits_, pruned_;
   std::vector<MembershipEvent> events_;
+  std::vector<IntervalDecision> decisions_;
   bool run_done_ = false;
   bool fail_commits_ = false;
 };
@@ -646,6 +668,38 @@ const Scenario kScenarios[] = {
     {"ManifestWriteFailureLeavesItUncommitted",
      {"fail_commits", "start a", "wait 250", "ready a -1", "steps 0 10 a", "shard a 10",
       "expect_last_checkpoint -1"}},
+    {"AutoIntervalOrdersCheckpoints",
+     {"start a b", "expect_every_steps 20", "wait 250", "ready a -1", "ready b -1",
+      "expect_plan fresh 0 a b", "expect_decisions initial", "steps 0 19 a b", "expect_orders a 0",
+      "steps 19 20 a b",
+      // One rank is told (the flag is summed in-band), once.
+      "expect_orders a 1", "expect_orders b 0", "steps 20 21 a b", "expect_orders a 1",
+      "shard a 21 stall=10 write=20", "shard b 21 stall=12 write=30", "expect_commits 21",
+      "advance 100", "expect_decisions initial measured",
+      // C = 12 ms, M = 10 s, 50 ms steps: Daly ~0.48 s, 10 steps.
+      "expect_every_steps 10", "steps 21 30 a b", "expect_orders a 1", "steps 30 31 a b",
+      "expect_orders a 2", "close b", "advance 100", "expect_decisions initial measured loss"},
+     [](proto::RunConfig& c) {
+       c.mutable_checkpoint()->mutable_every_steps()->set_string_value("auto");
+       c.mutable_checkpoint()->set_mtbf_prior_s(10);
+     }},
+    {"FixedIntervalOrdersNothing",
+     {"start a", "wait 250", "ready a -1", "steps 0 30 a", "expect_orders a 0",
+      "expect_decisions"}},
+    {"ShardOfARankThatRejoinedLateCommits",
+     With(kThreeRunning,
+          {"steps 0 10 a b c", "shard a 10", "shard b 10", "restart",
+           "join a prev=a held=10 epoch=current", "hello a", "join b prev=b held=10 epoch=current",
+           "hello b",
+           // c is too late for the re-join window: the run goes on without it.
+           "wait 2200", "expect_prepare immediate a b", "ready a 12", "ready b 12",
+           "expect_plan keep 12 a b", "expect_epoch 2", "expect_commits",
+           // c comes back as a newcomer and re-sends its shard of epoch 1 (written as rank 2
+           // while the coordinator was down): it is still its own, and completes step 10.
+           "join c prev=c held=12 epoch=1", "hello c", "shard c 10 epoch=1", "expect_commits 10"})},
+    {"ShardOfAnotherWorkersRankIsRefused",
+     With(kThreeRunning, {"steps 0 10 a b c", "shard a 10", "close c", "join c", "hello c",
+                          "shard c 10 epoch=1 -> FAILED_PRECONDITION", "expect_commits"})},
     {"RecoveryTimelineFromReports",
      With(kThreeRunning, {"steps 0 3 a b c", "close c", "ready a 3", "ready b 3", "step a 3",
                           "report a", "report b", "expect_event lost"})},
@@ -710,6 +764,31 @@ TEST(MembershipTest, StatusListsMembersInRankOrder) {
   EXPECT_EQ(s.members(3).rank(), -1);
   EXPECT_EQ(s.last_checkpoint_step(), -1);
   EXPECT_GT(s.tokens_per_s(), 0);
+}
+
+TEST(MembershipTest, AutoIntervalShrinksAfterALoss) {
+  proto::RunConfig config = TestConfig();
+  config.mutable_checkpoint()->mutable_every_steps()->set_string_value("auto");
+  config.mutable_checkpoint()->set_mtbf_prior_s(600);
+  config.set_steps(100000);
+  Sim sim(config);
+  sim.Run(With(kThreeRunning, {"steps 0 20 a b c", "shard a 20 stall=40 write=100",
+                               "shard b 20 stall=30 write=100", "shard c 20 stall=20 write=90",
+                               "advance 100", "wait 1000", "close c", "advance 100"}));
+  ASSERT_EQ(sim.decisions().size(), 3u);
+  const IntervalDecision& measured = sim.decisions()[1];
+  const IntervalDecision& loss = sim.decisions()[2];
+  EXPECT_EQ(measured.reason, "measured");
+  EXPECT_DOUBLE_EQ(measured.cost_s, 0.04);  // the slowest rank's stall
+  EXPECT_DOUBLE_EQ(measured.write_s, 0.1);
+  EXPECT_DOUBLE_EQ(measured.step_ms, 50);
+  EXPECT_EQ(measured.losses, 0);
+  EXPECT_EQ(loss.reason, "loss");
+  EXPECT_EQ(loss.losses, 1);
+  EXPECT_LT(loss.mtbl_s, measured.mtbl_s);
+  EXPECT_LT(loss.every_steps, measured.every_steps);
+  EXPECT_EQ(sim.m().Status().checkpoint_every_steps(), loss.every_steps);
+  EXPECT_TRUE(sim.m().Status().checkpoint_interval_auto());
 }
 
 TEST(MembershipTest, WorkerIdsSurviveRestartWithoutReuse) {
