@@ -7,13 +7,18 @@ digest must equal that of the uninterrupted standalone run of the same config.
   checkpoint_test.py [scenario...]
 """
 import glob
+import json
+import math
 import os
+import re
 import signal
+import subprocess
 import sys
 import tempfile
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Cluster, TestFailure, check, run_cluster, run_scenarios,
+from harness import (BIN, Cluster, TestFailure, check, free_port, run_cluster, run_scenarios,
                      small_config, standalone_digest, wait_until, write_corpus)
 
 WORK = tempfile.mkdtemp(prefix="spotrain-ckpt-")
@@ -169,12 +174,210 @@ def scenario_unwritable_dir():
         cluster.close()
 
 
+def interval_decisions(c):
+    return [e for e in c.events() if e.get("event") == "checkpoint_interval"]
+
+
+def commits_logged(c):
+    """Steps of every checkpoint the coordinator committed (pruned ones included)."""
+    return [int(m) for m in re.findall(r"checkpoint step (\d+) committed", c.coordinator.output())]
+
+
+def daly(cost, mtbl):
+    """common/young_daly.cc's DalyInterval, to check a logged decision against its inputs."""
+    if cost >= 2 * mtbl:
+        return mtbl
+    x = cost / (2 * mtbl)
+    return max(0.0, math.sqrt(2 * cost * mtbl) * (1 + math.sqrt(x) / 3 + x / 9) - cost)
+
+
+def check_decision(d):
+    """A measured decision is what Young/Daly gives for its own logged inputs."""
+    check(d["cost_s"] is not None and d["step_ms"] is not None and d["mtbl_s"] is not None,
+          f"decision without its inputs: {d}")
+    check(abs(d["daly_s"] - daly(d["cost_s"], d["mtbl_s"])) <= 1e-3 * max(1.0, d["daly_s"]),
+          f"logged Daly interval does not follow from C and M: {d}")
+    if d["bound"] == "none":
+        want = round(d["interval_s"] * 1000 / d["step_ms"])
+        check(abs(d["every_steps"] - max(1, want)) <= 1,
+              f"every_steps {d['every_steps']} is not interval / step time ({want}): {d}")
+    elif d["bound"] == "min":
+        check(d["interval_s"] >= d["write_s"], f"interval below the write time: {d}")
+
+
+def scenario_auto_interval():
+    """every_steps "auto": the coordinator orders checkpoints periodically from a Young/Daly
+    interval, logs each decision with its inputs, and a worker loss makes M, and with it the
+    interval for the same cost, shrink."""
+    config = small_config(DATA, deterministic=True, steps=240,
+                          checkpoint={"dir": os.path.join(WORK, "auto", "ckpt"),
+                                      "every_steps": "auto", "keep": 3, "mtbf_prior_s": 5})
+
+    def body(c):
+        for _ in range(3):
+            c.start_worker()
+        # The initial interval (20 steps) gives the first measurement.
+        wait_until(lambda: [d for d in interval_decisions(c) if d["reason"] == "measured"], 180,
+                   "a decision from a measured checkpoint cost")
+        measured = [d for d in interval_decisions(c) if d["reason"] == "measured"][-1]
+        check(interval_decisions(c)[0]["reason"] == "initial" and
+              interval_decisions(c)[0]["every_steps"] == 20,
+              f"first decision is not the initial interval: {interval_decisions(c)}")
+        check_decision(measured)
+        check(measured["losses"] == 0, f"{measured}")
+        status = c.status()
+        check(status["checkpoint_interval_auto"] and status["checkpoint_every_steps"] >= 1,
+              f"status does not show the auto interval: {status}")
+        check("checkpoint interval (measured)" in c.coordinator.output(),
+              "the coordinator log has no decision line")
+        c.workers["w3"].signal(signal.SIGKILL)
+        wait_until(lambda: [d for d in interval_decisions(c) if d["reason"] == "loss"], 120,
+                   "a decision after the loss")
+        before = [d for d in interval_decisions(c) if d["reason"] != "loss"][-1]
+        loss = [d for d in interval_decisions(c) if d["reason"] == "loss"][0]
+        check(loss["losses"] == 1, f"loss decision: {loss}")
+        check(loss["mtbl_s"] < before["mtbl_s"], f"M did not shrink: {before} -> {loss}")
+        check_decision(loss)
+        # For the same cost, the interval shrinks with M.
+        check(daly(loss["cost_s"], loss["mtbl_s"]) < daly(loss["cost_s"], before["mtbl_s"]),
+              f"interval did not shrink with M: {before} -> {loss}")
+        c.wait_done(300)
+        check_digests(c, config, ["w1", "w2"])
+        periodic = [s for s in commits_logged(c) if s != config["steps"]]
+        check(len(periodic) >= 2, f"checkpoints committed before the end: {commits_logged(c)}")
+        print(f"decisions: {json.dumps(interval_decisions(c))}\ncommitted: {commits_logged(c)}")
+        check("ordered a checkpoint" in c.coordinator.output(), "no checkpoint was ordered")
+    run_cluster("auto_interval", config, body)
+
+
+def metrics_text(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def fill(path):
+    """Writes a file until the file system is full; returns its path."""
+    filler = os.path.join(path, "filler")
+    chunk = b"\0" * (1 << 16)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def scenario_disk_full():
+    """A shard write that fails mid-run (ENOSPC on a small tmpfs) leaves that checkpoint
+    uncommitted, the previous one newest and restorable; training goes on; status and /metrics
+    show the error with the path; freed space lets a later checkpoint commit; the run ends with
+    the reference digest."""
+    if os.geteuid() != 0:
+        print("SKIP: disk_full needs root to mount a small tmpfs")
+        sys.exit(77)
+    root = os.path.join(WORK, "disk_full", "ckpt")
+    os.makedirs(root, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", root],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        print(f"SKIP: cannot mount a tmpfs: {mounted.stderr.strip()}")
+        sys.exit(77)
+    try:
+        config = small_config(DATA, deterministic=True, steps=300,
+                              checkpoint={"dir": root, "every_steps": EVERY, "keep": 2})
+        metrics_port = free_port()
+        cluster = Cluster("disk_full", config)
+        ok = False
+        try:
+            cluster.start_coordinator("--metrics-port", str(metrics_port))
+            c = cluster
+            for _ in range(2):
+                c.start_worker()
+            wait_until(lambda: committed(config), 180, "a first committed checkpoint")
+            filler = fill(root)
+            newest = max(committed(config))
+            failed = c.wait_status(lambda s: s["checkpoint_failures"] >= 1, 120,
+                                   "a checkpoint failure in status")
+            error = failed["checkpoint_error"]
+            check(root in error, f"status error does not name the path: {error!r}")
+            step = int(re.search(r"checkpoint step (\d+)", error).group(1))
+            check(step > newest, f"failed step {step} is not after the committed {newest}")
+            check(not os.path.exists(os.path.join(root, f"step-{step:08d}", "manifest.json")),
+                  f"the failed checkpoint {step} has a manifest")
+            check(max(committed(config)) == newest,
+                  f"a checkpoint committed while the disk was full: {committed(config)}")
+            text = wait_until(lambda: (lambda t: t if re.search(
+                r"^spotrain_checkpoint_failures_total [1-9]", t, re.M) else None)(
+                    metrics_text(metrics_port)), 30, "the failure counter in /metrics")
+            check(re.search(r'^spotrain_checkpoint_last_error\{error="[^"]*' + re.escape(root),
+                            text, re.M), "/metrics has no last error naming the path")
+            # The previous checkpoint is still newest and restorable: its digest checks out.
+            step_dir = os.path.join(root, f"step-{newest:08d}")
+            out = subprocess.run([os.path.join(BIN, "spotrain"), "digest", step_dir],
+                                 capture_output=True, text=True, timeout=120)
+            with open(os.path.join(step_dir, "manifest.json")) as f:
+                manifest = json.load(f)
+            check(out.returncode == 0 and out.stdout.split()[0] == manifest["state_digest"],
+                  f"spotrain digest {step_dir}: {out.returncode} {out.stdout} {out.stderr}")
+            # Training went on while the writes failed.
+            at_failure = failed["step"]
+            c.wait_step(at_failure + 2 * EVERY, 120)
+            os.remove(filler)
+            wait_until(lambda: max(committed(config)) > step, 180,
+                       "a checkpoint committed after space was freed")
+            c.wait_done(600)
+            check_digests(c, config, list(c.workers))
+            ok = True
+        finally:
+            cluster.close(failed=not ok)
+    finally:
+        subprocess.run(["umount", "-l", root], capture_output=True)
+
+
+def scenario_outage_checkpoints():
+    """Checkpoints written while the coordinator is down (kill -9) are committed once the
+    workers re-join the restarted coordinator and re-send their shard reports."""
+    config = config_for("outage", steps=400)
+    config["checkpoint"]["keep"] = 50
+
+    def body(c):
+        for _ in range(2):
+            c.start_worker()
+        c.wait_step(15, 180)
+        c.coordinator.signal(signal.SIGKILL)
+        c.coordinator.wait(30)
+
+        def shard_steps():
+            root = config["checkpoint"]["dir"]
+            steps = {}
+            for p in glob.glob(f"{root}/step-*/shard-*"):
+                steps.setdefault(int(os.path.basename(os.path.dirname(p))[5:]), 0)
+                steps[int(os.path.basename(os.path.dirname(p))[5:])] += 1
+            return sorted(s for s, n in steps.items() if n == 2)
+        before = set(committed(config))
+        # At least two checkpoints written during the outage.
+        written = wait_until(lambda: (lambda s: s if len(s) >= 2 else None)(
+            [s for s in shard_steps() if s not in before]), 180,
+            "two checkpoints written while the coordinator is down")
+        c.start_coordinator()
+        wait_until(lambda: all(s in committed(config) for s in written[:2]), 120,
+                   f"checkpoints {written[:2]} written during the outage to be committed")
+        c.wait_done(600)
+        check_digests(c, config, ["w1", "w2"])
+    run_cluster("outage_checkpoints", config, body)
+
+
 SCENARIOS = {
     "full_wipe": scenario_full_wipe,
     "corrupt_newest": scenario_corrupt_newest,
     "coordinator_restart_live": scenario_coordinator_restart_live,
     "coordinator_restart_empty": scenario_coordinator_restart_empty,
     "unwritable_dir": scenario_unwritable_dir,
+    "auto_interval": scenario_auto_interval,
+    "disk_full": scenario_disk_full,
+    "outage_checkpoints": scenario_outage_checkpoints,
 }
 
 if __name__ == "__main__":
