@@ -119,12 +119,14 @@ def trace_validation_section():
         "| joins / losses / restores seen |\n|---|---|---|---|---|---|---|\n"
         + inputs_row("calibration run (before)", v["calibration"]) + "\n"
         + inputs_row("the run itself", live["measured"]) + "\n\n"
-        "The first row is a prediction made before the run, from a separate calibration run "
-        "(1, 2, 3 workers, a loss, a full wipe and a restore). The second feeds the simulator the "
-        "costs measured in the run itself: it tests the model (capacity, per-world-size speed, "
-        "per-event costs, rollbacks) apart from the machine's speed, which on this shared "
-        "2-core machine drifts between runs by more than the target. docs/planner.md discusses "
-        "the differences.\n")
+        "Rows: (1) a prediction made before the run, from a separate calibration run (1 to "
+        f"{v['workers']} workers, a loss, a full wipe and a restore); (2) the simulator fed the "
+        "step times and event costs measured in the run itself: this tests the model "
+        "(capacity, speed per number of workers, per-event costs, rollbacks) apart from the "
+        "machine's speed, which on this shared 2-core machine drifts between runs by more than "
+        "the target; (3) the calibration's event costs with the run's step times: how much of "
+        "row 1's miss is the step speed; (4) as (2) but with the planner's default linear "
+        "scaling of the step time. docs/planner.md discusses the differences.\n")
     # The plot: live workers (schedule), measured useful steps, the simulator's curves.
     sched = os.path.join(OUT, "trace_schedule.dat")
     with open(sched, "w") as f:

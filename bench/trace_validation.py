@@ -29,8 +29,8 @@ import argparse
 import calendar
 import json
 import os
-import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 os.environ.setdefault("SPOTRAIN_BUILD_DIR", os.path.join(ROOT, "build"))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from chaos import trace_job_schedule  # noqa: E402
 from harness import BIN, Cluster, small_config, wait_until, write_corpus  # noqa: E402
 
 EVERY = 50  # checkpoint.every_steps of both runs
@@ -50,45 +51,14 @@ EVERY = 50  # checkpoint.every_steps of both runs
 
 # ----------------------------------------------------------------------------- schedule
 
-def read_trace(path):
-    points = []
-    for line in open(path):
-        line = line.strip()
-        if not line or line.startswith("#") or line.startswith("time_ms"):
-            continue
-        t, v = (int(x) for x in line.split(","))
-        if points and points[-1][0] == t:
-            points[-1] = (t, v)
-        else:
-            points.append((t, v))
-    return points
-
-
-def job_schedule(trace_path, workers, seed, period_s):
-    """[(t_s, live)] of a job holding `workers` random slots of the trace's fleet, over the
-    trace's window compressed to period_s; starts with (0, workers), ends with a point at
-    period_s."""
-    points = read_trace(trace_path)
+def window_seconds(path):
+    """Length of the trace's replay window: from the first time the fleet reaches its peak to
+    the last line."""
+    points = [tuple(int(x) for x in line.split(",")) for line in open(path)
+              if line.strip() and line[0].isdigit()]
     peak = max(v for _, v in points)
-    start = next(i for i, (_, v) in enumerate(points) if v == peak)
-    window = points[start:]
-    t0, length_ms = window[0][0], window[-1][0] - window[0][0]
-    rng = random.Random(seed)
-    alive = [True] * peak
-    schedule = [(0.0, workers)]
-    for t, v in window[1:]:
-        now = sum(alive)
-        if v < now:
-            for i in rng.sample([i for i in range(peak) if alive[i]], now - v):
-                alive[i] = False
-        elif v > now:
-            for i in rng.sample([i for i in range(peak) if not alive[i]], v - now):
-                alive[i] = True
-        live = sum(alive[:workers])
-        if live != schedule[-1][1]:
-            schedule.append(((t - t0) / length_ms * period_s, live))
-    schedule.append((float(period_s), schedule[-1][1]))
-    return schedule, length_ms / 1000.0
+    start = next(t for t, v in points if v == peak)
+    return (points[-1][0] - start) / 1000.0
 
 
 def write_schedule(schedule, path):
@@ -347,8 +317,12 @@ def live_run(work, data, schedule, period_s, steps):
         run.close()
 
 
-def predict(schedule_path, workers, steps, inputs, timeline_path):
-    step_s = dict(inputs["step_s"])
+def predict(schedule_path, workers, steps, inputs, timeline_path, linear=False):
+    """`spotrain plan` on the schedule with these inputs; linear: only the step time with all
+    workers, scaled as workers/live (the planner's default model)."""
+    step_s = {int(k): v for k, v in inputs["step_s"].items()}
+    if linear:
+        step_s = {workers: step_s[workers]} if workers in step_s else step_s
     # A world size never seen steady: scale from the nearest measured one (linear).
     for k in range(1, workers + 1):
         if k not in step_s:
@@ -357,7 +331,9 @@ def predict(schedule_path, workers, steps, inputs, timeline_path):
     by_live = ",".join(f"{k}:{step_s[k]:.6f}" for k in range(1, workers + 1))
     cmd = [os.path.join(BIN, "spotrain"), "plan", "--trace", schedule_path,
            "--gpus", str(workers), "--trace_offset_s", "0", "--trials", "1",
-           "--steps", str(steps), "--step_seconds_by_live", by_live,
+           "--steps", str(steps),
+           *(["--step_seconds", f"{step_s[workers]:.6f}"] if linear
+             else ["--step_seconds_by_live", by_live]),
            "--join_delay_s", f"{inputs['join_delay_s']:.4f}",
            "--join_recovery_s", f"{inputs['join_recovery_s']:.4f}",
            "--peer_recovery_s", f"{inputs['peer_recovery_s']:.4f}",
@@ -385,18 +361,28 @@ def main():
                    help="seconds the trace's 10.95 h window is compressed into")
     p.add_argument("--fraction", type=float, default=0.85,
                    help="job length: this fraction of the steps the schedule allows")
-    p.add_argument("--calibrate-steps", type=int, default=40)
+    p.add_argument("--calibrate-steps", type=int, default=150,
+                   help="steps measured at each number of workers in the calibration run")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    p.add_argument("--from-json", default="",
+                   help="recompute the predictions of a saved trace_validation.json (no run)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        recompute(args.from_json, args.out)
+        return
 
-    schedule, trace_s = job_schedule(args.trace, args.workers, args.seed, args.period)
+    # The job's live count: chaos.py's slot model (the one `spotrain plan` uses for traces).
+    schedule = trace_job_schedule(args.trace, args.workers, args.seed, args.period)
+    trace_s = window_seconds(args.trace)
     schedule_path = os.path.join(args.out, "trace_validation_schedule.csv")
     write_schedule(schedule, schedule_path)
     work = tempfile.mkdtemp(prefix="spotrain-trace-validation-")
     data = write_corpus(os.path.join(work, "data"))
 
+    load = {"before_calibration": os.getloadavg()[0]}
     cal = calibrate(work, data, args.workers, args.calibrate_steps)
+    load["before_run"] = os.getloadavg()[0]
     cal_step = dict(cal["step_s"])
     for k in range(1, args.workers + 1):
         cal_step.setdefault(k, min(cal_step.values()))
@@ -408,51 +394,88 @@ def main():
           f"job {steps} steps", flush=True)
 
     live = live_run(work, data, schedule, args.period, steps)
-    pred_cal = predict(schedule_path, args.workers, steps, cal, os.path.join(work, "tl-cal"))
-    pred_run = predict(schedule_path, args.workers, steps, live["measured"],
-                       os.path.join(work, "tl-run"))
-
-    rows = []
-    for label, inputs, pred in (("calibration run (before)", cal, pred_cal),
-                                ("this run's own measurements", live["measured"], pred_run)):
-        ideal = steps * pred["step_s"][args.workers]
-        measured = ideal / live["wall_s"]
-        rows.append({"inputs": label, "ideal_s": ideal, "measured_wall_s": live["wall_s"],
-                     "predicted_wall_s": pred["wall_s"], "measured_goodput": measured,
-                     "predicted_goodput": pred["goodput"],
-                     "difference": measured / pred["goodput"] - 1})
+    load["after_run"] = os.getloadavg()[0]
     losses = sum(max(0, a[1] - b[1]) for a, b in zip(schedule, schedule[1:]))
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "seed": args.seed,
               "workers": args.workers, "period_s": args.period, "trace_s": trace_s,
-              "steps": steps, "checkpoint_every_steps": EVERY,
+              "steps": steps, "checkpoint_every_steps": EVERY, "load_average": load,
+              "calibrate_steps": args.calibrate_steps,
               "schedule": schedule, "schedule_changes": len(schedule) - 2,
               "schedule_losses": losses,
               "schedule_wipes": sum(1 for _, v in schedule[1:-1] if v == 0),
-              "calibration": cal, "live": live, "predicted_from_calibration": pred_cal,
-              "predicted_from_run": pred_run, "rows": rows}
+              "calibration": cal, "live": live}
+    evaluate(result, schedule_path, work)
     with open(os.path.join(args.out, "trace_validation.json"), "w") as f:
         json.dump(result, f)
+    show(result)
+    shutil.rmtree(work, ignore_errors=True)  # kept when anything above failed
 
-    print(f"\nTrace validation ({result['date']}): AWS p3 trace, {args.workers} worker slots "
-          f"(seed {args.seed}): {result['schedule_changes']} changes, {losses} losses, "
-          f"{result['schedule_wipes']} full wipes; 10.95 h compressed into {args.period:.0f} s; "
-          f"gpt-tiny, {steps} steps, checkpoint every {EVERY}")
+
+def evaluate(result, schedule_path, work):
+    """The simulator's predictions for the run in `result` and the comparison rows."""
+    workers, steps, live = result["workers"], result["steps"], result["live"]
+    preds = {
+        "predicted_from_calibration": ("calibration run (before)", result["calibration"], False),
+        "predicted_from_run": ("this run's own measurements", live["measured"], False),
+        # Which part of the calibration's miss is the machine's speed: its event costs with
+        # the run's step times.
+        "predicted_mixed": ("calibration costs, run's step times",
+                            dict(result["calibration"], step_s=live["measured"]["step_s"]), False),
+        "predicted_linear": ("the run's, linear scaling", live["measured"], True),
+    }
+    result["rows"] = []
+    for key, (label, inputs, linear) in preds.items():
+        pred = predict(schedule_path, workers, steps, inputs, os.path.join(work, f"tl-{key}"),
+                       linear=linear)
+        result[key] = pred
+        ideal = steps * pred["step_s"][workers]
+        measured = ideal / live["wall_s"]
+        result["rows"].append({
+            "inputs": label, "ideal_s": ideal, "measured_wall_s": live["wall_s"],
+            "predicted_wall_s": pred["wall_s"], "measured_goodput": measured,
+            "predicted_goodput": pred["goodput"], "difference": measured / pred["goodput"] - 1})
+
+
+def show(result):
+    live, cal = result["live"], result["calibration"]
+    print(f"\nTrace validation ({result['date']}): AWS p3 trace, {result['workers']} worker slots "
+          f"(seed {result['seed']}): {result['schedule_changes']} changes, "
+          f"{result['schedule_losses']} losses, {result['schedule_wipes']} full wipes; "
+          f"{result['trace_s'] / 3600:.2f} h compressed into {result['period_s']:.0f} s; "
+          f"gpt-tiny, {result['steps']} steps, checkpoint every {result['checkpoint_every_steps']}")
     print(f"live run: {live['wall_s']:.1f} s to the last step, {live['epochs']} epochs, "
           f"coordinator exit {live['coordinator_exit']}, {len(live['digests'])} final digest(s)")
-    print(f"{'simulator inputs from':30s} {'measured wall s':>15s} {'predicted':>10s} "
+    print(f"{'simulator inputs from':36s} {'measured wall s':>15s} {'predicted':>10s} "
           f"{'measured goodput':>17s} {'predicted':>10s} {'difference':>10s}")
-    for r in rows:
-        print(f"{r['inputs']:30s} {r['measured_wall_s']:15.1f} {r['predicted_wall_s']:10.1f} "
+    for r in result["rows"]:
+        print(f"{r['inputs']:36s} {r['measured_wall_s']:15.1f} {r['predicted_wall_s']:10.1f} "
               f"{r['measured_goodput']:17.3f} {r['predicted_goodput']:10.3f} "
               f"{100 * r['difference']:+9.1f}%")
     for label, inputs in (("calibration", cal), ("run", live["measured"])):
-        st = ", ".join(f"{k}: {v * 1000:.0f} ms" for k, v in sorted(inputs["step_s"].items()))
+        st = ", ".join(f"{k}: {float(v) * 1000:.0f} ms"
+                       for k, v in sorted(inputs["step_s"].items(), key=lambda kv: int(kv[0])))
         print(f"inputs ({label}): step time by workers {st}; join delay "
               f"{inputs['join_delay_s']:.2f} s, join stall {inputs['join_recovery_s']:.2f} s, "
               f"loss {inputs['peer_recovery_s']:.2f} s, restore {inputs['restore_cost_s']:.2f} s "
               f"{inputs['counts']}")
-    print(f"goodput = steps x (step time with {args.workers} workers) / wall time; "
+    if "load_average" in result:
+        print("1-minute load average (2 cores, shared): " + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f}" for k, v in result["load_average"].items()))
+    print(f"goodput = steps x (step time with {result['workers']} workers) / wall time; "
           "difference = measured / predicted - 1")
+
+
+def recompute(path, out):
+    """--from-json: the predictions again (e.g. after a change to the simulator), no run."""
+    result = json.load(open(path))
+    schedule_path = os.path.join(out, "trace_validation_schedule.csv")
+    write_schedule(result["schedule"], schedule_path)
+    work = tempfile.mkdtemp(prefix="spotrain-trace-validation-")
+    evaluate(result, schedule_path, work)
+    shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(out, "trace_validation.json"), "w") as f:
+        json.dump(result, f)
+    show(result)
 
 
 if __name__ == "__main__":
