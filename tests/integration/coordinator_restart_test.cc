@@ -1,6 +1,6 @@
 // Multi-process test of the coordinator's durability: the real spotrain-coordinator binary is
 // killed with SIGKILL (kill -9) and restarted from its state dir while fake workers
-// (tests/unit/coordinator/fake_worker.h) keep their state and re-join. Checks that the run
+// (tests/support/fake_worker.h) keep their state and re-join. Checks that the run
 // config, epoch, worker ids and committed checkpoints survive, that a checkpoint half-reported
 // before the kill is committed after it, and that the run then finishes (exit 0).
 #include <fcntl.h>
@@ -26,7 +26,7 @@
 #include "coordinator/planner.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/unit/coordinator/fake_worker.h"
+#include "tests/support/fake_worker.h"
 
 extern char** environ;
 
@@ -168,26 +168,7 @@ class CoordinatorRestartTest : public ::testing::Test {
   }
 
   void WriteShard(FakeWorker& w, int64_t step) {
-    const int world = w.world(), rank = w.rank();
-    const int64_t per = kStateFloats / world;
-    const std::string step_dir = StepDirectory(checkpoint_dir_, step);
-    ASSERT_TRUE(common::MakeDirectories(step_dir).ok());
-    ASSERT_TRUE(common::WriteFileAtomically(common::JoinPath(step_dir, ShardFileName(rank, world)),
-                                            std::string(per * 4, '\0'))
-                    .ok());
-    proto::WorkerMessage m;
-    proto::ShardWritten* s = m.mutable_shard_written();
-    s->set_epoch(w.epoch());
-    s->set_step(step);
-    s->set_rank(rank);
-    s->set_world_size(world);
-    s->set_file(ShardFileName(rank, world));
-    s->set_offset(per * rank);
-    s->set_length(per);
-    s->set_checksum("0011223344556677");
-    s->set_state_digest(std::string(64, 'e'));
-    s->set_state_floats(kStateFloats);
-    w.Send(m);
+    coordinator::testing::WriteShard(w, checkpoint_dir_, step, kStateFloats, 'e');
   }
 
   std::string Manifest(int64_t step) {

@@ -19,7 +19,7 @@
 #include "coordinator/server.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/unit/coordinator/fake_worker.h"
+#include "tests/support/fake_worker.h"
 
 namespace spotrain::coordinator {
 namespace {
@@ -96,28 +96,7 @@ class CoordinatorTest : public ::testing::Test {
 
   // The worker's shard of `step` on disk (payload only) and its report.
   void WriteShard(FakeWorker& w, int64_t step, char digest = 'd') {
-    const int world = w.world(), rank = w.rank();
-    const int64_t per = (kStateFloats + world - 1) / world;
-    const int64_t offset = std::min(kStateFloats, per * rank);
-    const int64_t length = std::min(kStateFloats, per * (rank + 1)) - offset;
-    const std::string step_dir = StepDirectory(checkpoint_dir_, step);
-    ASSERT_TRUE(common::MakeDirectories(step_dir).ok());
-    ASSERT_TRUE(common::WriteFileAtomically(common::JoinPath(step_dir, ShardFileName(rank, world)),
-                                            std::string(length * 4, '\0'))
-                    .ok());
-    proto::WorkerMessage m;
-    proto::ShardWritten* s = m.mutable_shard_written();
-    s->set_epoch(w.epoch());
-    s->set_step(step);
-    s->set_rank(rank);
-    s->set_world_size(world);
-    s->set_file(ShardFileName(rank, world));
-    s->set_offset(offset);
-    s->set_length(length);
-    s->set_checksum("00112233aabbccdd");
-    s->set_state_digest(std::string(64, digest));
-    s->set_state_floats(kStateFloats);
-    w.Send(m);
+    coordinator::testing::WriteShard(w, checkpoint_dir_, step, kStateFloats, digest);
   }
 
   proto::RunStatus Status(const std::string& token = "secret-token", grpc::Status* out = nullptr) {

@@ -1,10 +1,13 @@
 // A fake worker for gRPC-level tests of the coordinator: Join, a Session stream with a reader
-// thread and a heartbeat thread, and helpers to send reports and wait for messages. It plays
-// the protocol of docs/protocol.md by hand (no training). Thread-safe: tests call it from the
-// test thread while its own threads read and heartbeat.
-#ifndef SPOTRAIN_TESTS_UNIT_COORDINATOR_FAKE_WORKER_H_
-#define SPOTRAIN_TESTS_UNIT_COORDINATOR_FAKE_WORKER_H_
+// thread and a heartbeat thread, and helpers to send reports (shards written to disk
+// included) and wait for messages. It plays the protocol of docs/protocol.md by hand (no
+// training). Shared by tests/unit/coordinator/service_test.cc and
+// tests/integration/coordinator_restart_test.cc. Thread-safe: tests call it from the test
+// thread while its own threads read and heartbeat.
+#ifndef SPOTRAIN_TESTS_SUPPORT_FAKE_WORKER_H_
+#define SPOTRAIN_TESTS_SUPPORT_FAKE_WORKER_H_
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -15,8 +18,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/file_util.h"
 #include "coordinator/client_auth.h"
+#include "coordinator/planner.h"
 #include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
 #include "proto/spotrain.grpc.pb.h"
 
 namespace spotrain::coordinator::testing {
@@ -239,6 +245,36 @@ class FakeWorker {
   grpc::Status finish_status_;
 };
 
+// Writes `w`'s shard of `step` under `checkpoint_dir` (zero payload; its rank's contiguous
+// part of `state_floats`, the last rank's possibly shorter) for the world size and rank of
+// the last Plan it got, and reports it with ShardWritten (state digest: 64 x `digest`).
+inline void WriteShard(FakeWorker& w, const std::string& checkpoint_dir, int64_t step,
+                       int64_t state_floats, char digest = 'd') {
+  const int world = w.world(), rank = w.rank();
+  ASSERT_GT(world, 0) << "the worker got no Plan";
+  const int64_t per = (state_floats + world - 1) / world;
+  const int64_t offset = std::min(state_floats, per * rank);
+  const int64_t length = std::min(state_floats, per * (rank + 1)) - offset;
+  const std::string step_dir = StepDirectory(checkpoint_dir, step);
+  ASSERT_TRUE(common::MakeDirectories(step_dir).ok());
+  ASSERT_TRUE(common::WriteFileAtomically(common::JoinPath(step_dir, ShardFileName(rank, world)),
+                                          std::string(length * 4, '\0'))
+                  .ok());
+  proto::WorkerMessage m;
+  proto::ShardWritten* s = m.mutable_shard_written();
+  s->set_epoch(w.epoch());
+  s->set_step(step);
+  s->set_rank(rank);
+  s->set_world_size(world);
+  s->set_file(ShardFileName(rank, world));
+  s->set_offset(offset);
+  s->set_length(length);
+  s->set_checksum("00112233aabbccdd");
+  s->set_state_digest(std::string(64, digest));
+  s->set_state_floats(state_floats);
+  w.Send(m);
+}
+
 }  // namespace spotrain::coordinator::testing
 
-#endif  // SPOTRAIN_TESTS_UNIT_COORDINATOR_FAKE_WORKER_H_
+#endif  // SPOTRAIN_TESTS_SUPPORT_FAKE_WORKER_H_
