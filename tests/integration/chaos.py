@@ -26,6 +26,8 @@ run's. A failure prints the seed and the schedule and writes the schedule as JSO
   chaos.py --seed 7                  one generated schedule
   chaos.py --seed 1 --count 20       seeds 1..20
   chaos.py --schedule FILE           a hand-written (or saved) schedule
+  chaos.py --trace examples/traces/aws-p3-spot-32.csv --trace-workers 3
+                                     a spot trace's losses, wipes and returns (from_trace)
   chaos.py --soak 600                random seeds until 600 s are up
   chaos.py --seed 7 --print          show the schedule only
 
