@@ -13,17 +13,19 @@
    steps, N = --fraction of the steps the schedule allows at the calibrated speeds. The trace
    loops if the run outlasts it, as the simulator's replay does.
 4. Prediction: `spotrain plan --trace SCHEDULE --gpus W --trace_offset_s 0 --trials 1` (the same
-   schedule, no randomness left) with the measured inputs, twice: with the calibration run's
-   numbers (a prediction made before the run) and with the numbers measured in the run itself
-   (which separates model error from the machine's speed drifting between the two runs).
+   schedule, no randomness left) with the measured inputs: (1) the calibration run's numbers (a
+   prediction made before the run); (2) the numbers measured in the run itself (a consistency
+   check of the model, apart from the machine's speed drifting between the two runs); (3) the
+   calibration's event costs with the run's step times; (4) as (2) with linear scaling.
 
 Goodput, on both sides: useful steps x ideal step time / wall time, with the ideal step time the
 step time with all W workers of the input set used, and the wall time from the start of the
 first workers to the last step. The job always finishes, so useful steps = N.
 
 Writes bench/out/trace_validation.json (inputs, results, the measured progress and the
-simulator's timeline) and prints a table. Takes about --period + 1.5 minutes.
+simulator's timeline) and prints a table. Takes about --period + 2 minutes.
   bench/trace_validation.py [--period 300] [--workers 3] [--seed 1]
+  bench/trace_validation.py --from-json bench/out/trace_validation.json   (predictions only)
 """
 import argparse
 import calendar
