@@ -175,6 +175,17 @@ def rates_by_world(samples):
     return {w: acc[0] / acc[1] for w, acc in sorted(total.items())}
 
 
+def worker_step_ms(run):
+    """Median of the workers' own "ms/step" (the step as the trainer times it) by world size:
+    a diagnostic beside rates_by_world's wall-clock rates (the gap is time between steps)."""
+    by_world = {}
+    for proc in run.cluster.workers.values():
+        for ms, world in re.findall(r"\| ([0-9.]+) ms/step \| epoch \d+ rank \d+/(\d+)$",
+                                    proc.output(), re.M):
+            by_world.setdefault(int(world), []).append(float(ms))
+    return {w: statistics.median(v) for w, v in sorted(by_world.items())}
+
+
 def costs_from_events(run, step_s):
     """Join delay and stall, loss recovery and restore, from events.jsonl and the driver's
     start/kill times (seconds). step_s: seconds per step by world size."""
@@ -259,7 +270,7 @@ def calibrate(work, data, workers, measure_steps):
         steady(1)
         step_s = rates_by_world(run.samples)
         costs = costs_from_events(run, step_s)
-        return {"step_s": step_s, **costs}
+        return {"step_s": step_s, "worker_step_ms": worker_step_ms(run), **costs}
     finally:
         run.close()
 
@@ -314,7 +325,8 @@ def live_run(work, data, schedule, period_s, steps):
         epochs = [e for e in run.cluster.events() if "cause" in e]
         return {"wall_s": finished_at, "coordinator_exit": code, "digests": digests,
                 "fired": fired, "samples": [list(s) for s in run.samples],
-                "epochs": len(epochs), "measured": {"step_s": step_s, **costs}}
+                "epochs": len(epochs),
+                "measured": {"step_s": step_s, "worker_step_ms": worker_step_ms(run), **costs}}
     finally:
         run.close()
 
@@ -460,6 +472,10 @@ def show(result):
               f"{inputs['join_delay_s']:.2f} s, join stall {inputs['join_recovery_s']:.2f} s, "
               f"loss {inputs['peer_recovery_s']:.2f} s, restore {inputs['restore_cost_s']:.2f} s "
               f"{inputs['counts']}")
+        if inputs.get("worker_step_ms"):
+            print(f"  the workers' own ms/step (median, by workers): " + ", ".join(
+                f"{k}: {float(v):.0f}" for k, v in sorted(inputs["worker_step_ms"].items(),
+                                                          key=lambda kv: int(kv[0]))))
     if "load_average" in result:
         print("1-minute load average (2 cores, shared): " + ", ".join(
             f"{k.replace('_', ' ')} {v:.1f}" for k, v in result["load_average"].items()))
