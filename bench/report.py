@@ -249,6 +249,8 @@ plot "{pts}" using 2:xtic(1) title "detect", "" using 3 title "plan", "" using 4
     parts.append(trace_validation_section())
 
     for name, title, how in (
+            ("overhead", "Overhead: one worker under a coordinator against the standalone worker",
+             "/usr/bin/python3 bench/overhead.py"),
             ("deterministic_cost", "Deterministic mode cost (3 workers)",
              "python3 bench/deterministic_cost.py"),
             ("checkpoint", "Checkpoint stall and background write throughput (gpt-small state)",

@@ -24,6 +24,7 @@ run() {  # name command...
 run training_curve "$build/bin/spotrain-worker"
 run cpu_throughput /usr/bin/python3 bench/cpu_throughput.py --rounds 3
 run recovery /usr/bin/python3 bench/recovery.py --trials 5 --torch-trials 3
+run overhead /usr/bin/python3 bench/overhead.py
 run restore /usr/bin/python3 bench/restore.py
 run deterministic_cost python3 bench/deterministic_cost.py
 run checkpoint "$build/tests/worker_checkpoint_test" --gtest_also_run_disabled_tests \
