@@ -550,6 +550,36 @@ TEST(NcclCommunicatorTest, ShrinkFailureMeansReinitWithFreshId) {
   });
 }
 
+// What the agent does on an immediate Prepare: Abort(). A survivor whose communicator was
+// aborted cannot shrink, so every survivor re-initialises, and the one whose shrink was
+// still waiting for its peers gives up early (well before init_timeout) on seeing that.
+TEST(NcclCommunicatorTest, ShrinkAfterAbortOnOneSurvivorReinitialisesAll) {
+  FakeFabric fabric;
+  InMemoryKeyValue kv;
+  auto ranks = CreateGroup(fabric, kv, 1, 3, RealTimeOptions());
+  ASSERT_TRUE(ranks[0].comm && ranks[1].comm && ranks[2].comm);
+  ranks[2].comm.reset();
+  ranks[0].comm->Abort();
+  ranks[1].comm->MarkPeerLost();
+  std::vector<std::unique_ptr<NcclCommunicator>> children(2);
+  const absl::Time start = absl::Now();
+  OnEveryRank({ranks[0].comm.get(), ranks[1].comm.get()}, [&](int r, NcclCommunicator& comm) {
+    auto child = comm.Shrink({2}, kv, 4);
+    ASSERT_TRUE(child.ok()) << child.status();
+    EXPECT_TRUE(comm.last_shrink_reinitialised());
+    children[r] = *std::move(child);
+  });
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "no wait for init_timeout (30 s)";
+  ASSERT_TRUE(children[0] && children[1]);
+  EXPECT_EQ(ranks[0].api->shrinks, 0) << "an aborted communicator is not shrunk";
+  EXPECT_EQ(ranks[1].api->shrinks, 1);
+  OnEveryRank({children[0].get(), children[1].get()}, [](int r, NcclCommunicator& comm) {
+    int64_t v = 10 + r;
+    ASSERT_TRUE(comm.AllReduceSum(&v, 1).ok());
+    EXPECT_EQ(v, 21);
+  });
+}
+
 TEST(NcclCommunicatorTest, ShrinkRejectsBadExcludeLists) {
   FakeFabric fabric;
   InMemoryKeyValue kv;
