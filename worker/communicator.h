@@ -52,6 +52,15 @@ class Communicator {
   // headroom that it never does.
   virtual absl::Status AllReduceSum(int64_t* data, int64_t n) = 0;
 
+  // The deterministic gradient reduction (worker/fixed_point.h): sums the int64 fixed-point
+  // accumulators `acc` of all ranks exactly and writes FromFixedPoint(sum, factor) into
+  // out[0, n) on every rank, bit-identical everywhere and for every world size. Afterwards
+  // acc holds unspecified values (it is scratch). The default implementation is
+  // AllReduceSum(int64) followed by FromFixedPoint; a backend may instead reduce-scatter the
+  // integers, convert the slice it owns and all-gather the floats (12 bytes per element on
+  // the wire instead of 16, and 1/W of the conversions). Blocks like AllReduceSum.
+  virtual absl::Status AllReduceFixedPoint(int64_t* acc, int64_t n, double factor, float* out);
+
   // Copies `bytes` bytes at `data` on rank `root` into `data` on every other rank. Blocks
   // like AllReduceSum. bytes == 0 is a no-op.
   virtual absl::Status Broadcast(void* data, int64_t bytes, int root) = 0;

@@ -27,6 +27,8 @@
 #include "gloo/transport/context.h"
 #include "gloo/transport/tcp/device.h"
 #include "gloo/transport/unbound_buffer.h"
+#include "gloo/types.h"
+#include "worker/fixed_point.h"
 
 namespace spotrain::worker {
 namespace gloo_internal {
@@ -84,6 +86,11 @@ void SumInto<int64_t>(void* out, const void* a, const void* b, size_t n) {
   }
 }
 
+// The slot prefix of AllReduceFixedPoint's messages: distinct from Gloo's own collectives
+// (gloo/types.h uses 0x01-0x08), so with the per-call tag no other operation's message can
+// match its receives.
+constexpr uint8_t kFixedPointSlotPrefix = 0x53;
+
 bool LooksLikeTimeout(const std::string& what) {
   const std::string lower = absl::AsciiStrToLower(what);
   return absl::StrContains(lower, "timed out") || absl::StrContains(lower, "timeout");
@@ -122,6 +129,36 @@ class GlooCommunicator : public Communicator {
   }
   absl::Status AllReduceSum(int64_t* data, int64_t n) override {
     return AllReduce<int64_t>(data, n, "all-reduce(int64)");
+  }
+
+  // Ring reduce-scatter of the int64 sums, conversion of the slice this rank owns, ring
+  // all-gather of the floats, per segment of at most max_chunk_bytes_ of int64s (see
+  // RingFixedPoint). 12 bytes per element cross the wire per rank (x (W-1)/W) instead of the
+  // 16 of an int64 all-reduce, and each rank converts 1/W of the elements.
+  absl::Status AllReduceFixedPoint(int64_t* acc, int64_t n, double factor, float* out) override {
+    if (n < 0 || (n > 0 && (acc == nullptr || out == nullptr))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("all-reduce(fixed point): bad buffers (", n, " elements)"));
+    }
+    absl::Status status = CheckUsable();
+    if (!status.ok()) return status;
+    if (world_size_ == 1 || n == 0) {
+      FromFixedPoint(acc, n, factor, out);
+      return absl::OkStatus();
+    }
+    const int64_t segment =
+        std::max<int64_t>(world_size_, max_chunk_bytes_ / int64_t{sizeof(int64_t)});
+    std::vector<int64_t> scratch(
+        static_cast<size_t>((std::min(segment, n) + world_size_ - 1) / world_size_));
+    for (int64_t offset = 0; offset < n; offset += segment) {
+      const int64_t count = std::min(segment, n - offset);
+      status = RunGloo("all-reduce(fixed point)", [&] {
+        RingFixedPoint(acc + offset, count, factor, out + offset, scratch.data(),
+                       static_cast<int64_t>(scratch.size()));
+      });
+      if (!status.ok()) return status;
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Broadcast(void* data, int64_t bytes, int root) override {
@@ -219,6 +256,69 @@ class GlooCommunicator : public Communicator {
   absl::Status CheckUsable() const {
     absl::MutexLock lock(&mu_);
     return status_;
+  }
+
+  // Slice k of a segment of `count` elements among the world_size_ ranks: contiguous, the
+  // first count % W slices one element longer. Returns {begin, length}; k is taken mod W.
+  std::pair<int64_t, int64_t> Slice(int64_t count, int k) const {
+    const int w = world_size_;
+    k = ((k % w) + w) % w;
+    const int64_t base = count / w, extra = count % w;
+    const int64_t begin = k * base + std::min<int64_t>(k, extra);
+    return {begin, base + (k < extra ? 1 : 0)};
+  }
+
+  // One segment of AllReduceFixedPoint; throws Gloo's exceptions (RunGloo turns them into
+  // the sticky status) and returns early if a wait was aborted. Reduce-scatter: at step s,
+  // rank r sends its partial sum of slice (r - s - 1) to its right neighbour and adds the
+  // partial sum of slice (r - s - 2) that its left neighbour sends; after W - 1 steps it
+  // holds the complete sum of slice r. It converts that slice, then the all-gather: at step
+  // s it sends finished slice (r - s) to the right and receives slice (r - s - 1) from the
+  // left, straight into `out`. The integer sums are exact, so every rank ends with exactly
+  // FromFixedPoint of the plain sum, whatever the ring order. Messages on a link are
+  // matched in the order they are posted, and both ends skip the same empty slices.
+  void RingFixedPoint(int64_t* acc, int64_t count, double factor, float* out, int64_t* scratch,
+                      int64_t scratch_elements) {
+    const int w = world_size_;
+    const int right = (rank_ + 1) % w;
+    const int left = (rank_ + w - 1) % w;
+    const std::chrono::milliseconds timeout = ToMillis(op_timeout_);
+    const uint64_t slot = gloo::Slot::build(kFixedPointSlotPrefix, next_tag_++);
+    std::unique_ptr<gloo::transport::UnboundBuffer> acc_buffer =
+        context_->createUnboundBuffer(acc, static_cast<size_t>(count) * sizeof(int64_t));
+    std::unique_ptr<gloo::transport::UnboundBuffer> scratch_buffer = context_->createUnboundBuffer(
+        scratch, static_cast<size_t>(scratch_elements) * sizeof(int64_t));
+    std::unique_ptr<gloo::transport::UnboundBuffer> out_buffer =
+        context_->createUnboundBuffer(out, static_cast<size_t>(count) * sizeof(float));
+    ActiveBuffer active_acc(this, acc_buffer.get());
+    ActiveBuffer active_scratch(this, scratch_buffer.get());
+    ActiveBuffer active_out(this, out_buffer.get());
+
+    for (int s = 0; s + 1 < w; ++s) {
+      const auto [send_begin, send_len] = Slice(count, rank_ - s - 1);
+      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 2);
+      if (recv_len > 0) scratch_buffer->recv(left, slot, 0, recv_len * sizeof(int64_t));
+      if (send_len > 0) {
+        acc_buffer->send(right, slot, send_begin * sizeof(int64_t), send_len * sizeof(int64_t));
+      }
+      if (recv_len > 0 && !scratch_buffer->waitRecv(timeout)) return;  // aborted
+      if (send_len > 0 && !acc_buffer->waitSend(timeout)) return;
+      SumInto<int64_t>(acc + recv_begin, acc + recv_begin, scratch, static_cast<size_t>(recv_len));
+    }
+    const auto [mine_begin, mine_len] = Slice(count, rank_);
+    FromFixedPoint(acc + mine_begin, mine_len, factor, out + mine_begin);
+    for (int s = 0; s + 1 < w; ++s) {
+      const auto [send_begin, send_len] = Slice(count, rank_ - s);
+      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 1);
+      if (recv_len > 0) {
+        out_buffer->recv(left, slot, recv_begin * sizeof(float), recv_len * sizeof(float));
+      }
+      if (send_len > 0) {
+        out_buffer->send(right, slot, send_begin * sizeof(float), send_len * sizeof(float));
+      }
+      if (recv_len > 0 && !out_buffer->waitRecv(timeout)) return;
+      if (send_len > 0 && !out_buffer->waitSend(timeout)) return;
+    }
   }
 
   template <typename T>

@@ -112,8 +112,8 @@ absl::StatusOr<StepStats> Trainer::RunStep(Communicator& comm, int64_t control) 
 
   // The gradient reduction, then one small round carrying the loss and the control value.
   if (deterministic) {
-    RETURN_IF_ERROR(comm.AllReduceSum(fixed_accum_.data(), n));
-    FromFixedPoint(fixed_accum_.data(), n, 1.0 / num_micro, model_->grads());
+    RETURN_IF_ERROR(
+        comm.AllReduceFixedPoint(fixed_accum_.data(), n, 1.0 / num_micro, model_->grads()));
   } else {
     RETURN_IF_ERROR(comm.AllReduceSum(model_->grads(), n));
   }

@@ -358,10 +358,17 @@ TEST_P(GlooWorldTest, DeterministicFixedPointStepMatchesOneRankBitForBit) {
     for (int j = begin; j < end; ++j) {
       EXPECT_TRUE(AccumulateFixedPoint(micro[j].data(), kN, acc.data()).ok());
     }
-    if (comm != nullptr) {
-      EXPECT_TRUE(comm->AllReduceSum(acc.data(), kN).ok());
-    }
     std::vector<float> grad(kN);
+    if (comm != nullptr) {
+      // Both ways of reducing: the int64 all-reduce then the conversion, and the fused one.
+      std::vector<int64_t> copy = acc;
+      EXPECT_TRUE(comm->AllReduceSum(copy.data(), kN).ok());
+      FromFixedPoint(copy.data(), kN, 1.0 / kMicro, grad.data());
+      std::vector<float> fused(kN);
+      EXPECT_TRUE(comm->AllReduceFixedPoint(acc.data(), kN, 1.0 / kMicro, fused.data()).ok());
+      EXPECT_EQ(std::memcmp(fused.data(), grad.data(), kN * sizeof(float)), 0);
+      return grad;
+    }
     FromFixedPoint(acc.data(), kN, 1.0 / kMicro, grad.data());
     return grad;
   };
@@ -378,7 +385,47 @@ TEST_P(GlooWorldTest, DeterministicFixedPointStepMatchesOneRankBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Worlds, GlooWorldTest, ::testing::Values(1, 2, 3, 4),
+TEST_P(GlooWorldTest, FixedPointAllReduceEqualsConvertingThePlainSum) {
+  // AllReduceFixedPoint (reduce-scatter of the integers, conversion of each rank's slice,
+  // all-gather of the floats) gives every rank exactly FromFixedPoint of the plain int64
+  // sum: for counts below, at and above the world size, and over several segments
+  // (max_chunk_bytes of 4 KiB = 512 int64s per segment).
+  const int world = GetParam();
+  GlooOptions options = TestOptions();
+  options.max_chunk_bytes = 4096;
+  for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{5}, int64_t{511}, int64_t{513},
+                    int64_t{20011}}) {
+    std::vector<std::vector<int64_t>> inputs(world, std::vector<int64_t>(n));
+    std::mt19937_64 rng(n * 31 + world);
+    std::uniform_int_distribution<int64_t> dist(-(int64_t{1} << 47), int64_t{1} << 47);
+    std::vector<int64_t> sum(n, 0);
+    for (int r = 0; r < world; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        inputs[r][i] = dist(rng);
+        sum[i] += inputs[r][i];
+      }
+    }
+    std::vector<float> want(n);
+    FromFixedPoint(sum.data(), n, 1.0 / 3, want.data());
+    std::vector<std::vector<float>> got(world, std::vector<float>(n, -1.0f));
+    InMemoryKeyValue kv;
+    RunGroup(kv, 1, world, options, [&](int r, std::unique_ptr<Communicator>& comm) {
+      std::vector<int64_t> acc = inputs[r];
+      ASSERT_TRUE(comm->AllReduceFixedPoint(acc.data(), n, 1.0 / 3, got[r].data()).ok())
+          << comm->status();
+      // The communicator stays usable for the next collective.
+      std::vector<int64_t> one = {r + 1};
+      ASSERT_TRUE(comm->AllReduceSum(one.data(), 1).ok());
+      EXPECT_EQ(one[0], world * (world + 1) / 2);
+    });
+    for (int r = 0; r < world; ++r) {
+      ASSERT_EQ(std::memcmp(got[r].data(), want.data(), n * sizeof(float)), 0)
+          << "rank " << r << ", n " << n;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, GlooWorldTest, ::testing::Values(1, 2, 3, 4, 5),
                          [](const auto& info) { return absl::StrCat("world", info.param); });
 
 // 4M + 7 floats (16 MiB): once as one Gloo call, once chunked into 17 calls of 1 MiB.
@@ -526,6 +573,34 @@ TEST(GlooCommunicatorTest, SilentPeerTimesOut) {
   EXPECT_GE(rank0_took, absl::Milliseconds(250));
   EXPECT_LT(rank0_took, absl::Seconds(30));
   // Rank 0 closed its connections when it failed, so rank 1 fails at once too.
+  EXPECT_EQ(rank1_status.code(), absl::StatusCode::kUnavailable) << rank1_status;
+}
+
+TEST(GlooCommunicatorTest, SilentPeerTimesOutTheFixedPointAllReduce) {
+  GlooOptions options = TestOptions();
+  options.op_timeout = absl::Milliseconds(300);
+  InMemoryKeyValue kv;
+  absl::Notification rank0_done;
+  absl::Status rank0_status, rank0_later, rank1_status;
+  RunGroup(kv, 1, 3, options, [&](int r, std::unique_ptr<Communicator>& comm) {
+    std::vector<int64_t> acc(1000, 1);
+    std::vector<float> out(acc.size());
+    if (r == 0) {
+      rank0_status = comm->AllReduceFixedPoint(acc.data(), acc.size(), 1.0, out.data());
+      rank0_later = comm->AllReduceSum(acc.data(), acc.size());
+      rank0_done.Notify();
+    } else if (r == 1) {
+      // Connected but silent until rank 0 has given up.
+      rank0_done.WaitForNotification();
+      rank1_status = comm->AllReduceFixedPoint(acc.data(), acc.size(), 1.0, out.data());
+    } else {
+      // Rank 2 takes part; it fails when its neighbours do (closed connections or timeout).
+      (void)comm->AllReduceFixedPoint(acc.data(), acc.size(), 1.0, out.data());
+    }
+  });
+  EXPECT_EQ(rank0_status.code(), absl::StatusCode::kUnavailable) << rank0_status;
+  EXPECT_THAT(std::string(rank0_status.message()), HasSubstr("all-reduce(fixed point)"));
+  EXPECT_EQ(rank0_later.code(), absl::StatusCode::kUnavailable) << "the failure is sticky";
   EXPECT_EQ(rank1_status.code(), absl::StatusCode::kUnavailable) << rank1_status;
 }
 
