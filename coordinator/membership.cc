@@ -777,6 +777,19 @@ void Membership::EvaluateCheckpointInterval(Actions* actions) {
 
 void Membership::MaybeOrderCheckpoint(Actions* actions) {
   if (!policy_ || run_state_ != RunState::kRunning || prep_ || restoring_) return;
+  if (policy_->every_steps() != announced_every_ || plan_.epoch() != announced_epoch_) {
+    // Every member learns the interval, to go on checkpointing through a coordinator outage.
+    std::vector<uint64_t> ids;
+    for (const proto::Member& m : plan_.members()) {
+      const WorkerInfo* w = worker(m.worker_id());
+      if (w != nullptr && w->session_open) ids.push_back(w->id);
+    }
+    proto::CoordinatorMessage msg;
+    msg.mutable_command()->set_checkpoint_every_steps(policy_->every_steps());
+    Broadcast(ids, std::move(msg), actions);
+    announced_every_ = policy_->every_steps();
+    announced_epoch_ = plan_.epoch();
+  }
   if (run_completed_ >= config_.steps()) return;  // the final checkpoint comes anyway
   const int64_t last = std::max(registry_.LastCommitted(), last_shard_step_);
   if (!policy_->ShouldOrder(run_completed_, last)) return;

@@ -279,6 +279,9 @@ class Membership {
   CheckpointRegistry registry_;
   std::optional<CheckpointPolicy> policy_;
   int64_t last_shard_step_ = -1;  // newest checkpoint step any rank reported
+  // "auto": the interval last announced to the members of plan epoch announced_epoch_.
+  int64_t announced_every_ = 0;
+  int64_t announced_epoch_ = 0;
   MembershipCounters counters_;
 };
 

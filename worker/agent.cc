@@ -71,6 +71,9 @@ class Mailbox {
           if (comm_ != nullptr) comm_->Abort();
         }
         if (message.command().checkpoint_now()) checkpoint_now_ = true;
+        if (message.command().checkpoint_every_steps() > 0) {
+          auto_every_steps_ = message.command().checkpoint_every_steps();
+        }
         break;
       case proto::CoordinatorMessage::kRejected:
         SPOTRAIN_LOG(Warning, "coordinator rejected a report: %s", message.rejected().message());
@@ -108,6 +111,11 @@ class Mailbox {
   bool PlannedChangePending(int64_t epoch) const ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
     return prepare_.epoch > epoch;
+  }
+  // every_steps "auto": the coordinator's last announced interval (0: none yet).
+  int64_t auto_every_steps() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return auto_every_steps_;
   }
   bool ConsumeCheckpointNow() ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
@@ -188,6 +196,7 @@ class Mailbox {
   std::optional<proto::Plan> plan_ ABSL_GUARDED_BY(mu_);
   std::optional<proto::Command> stop_ ABSL_GUARDED_BY(mu_);
   bool checkpoint_now_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t auto_every_steps_ ABSL_GUARDED_BY(mu_) = 0;
   bool session_alive_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status session_end_ ABSL_GUARDED_BY(mu_);
   Communicator* comm_ ABSL_GUARDED_BY(mu_) = nullptr;
@@ -497,8 +506,14 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     if (mailbox_.Interrupted(plan.epoch())) return absl::OkStatus();
     // The in-band agreement channel: summed over the ranks with the step's reduction, so
     // every rank sees the same value after the same step.
+    // every_steps "auto" while the coordinator is unreachable: keep checkpointing at its
+    // last interval (the ranks agree in-band, whichever of them lost its session).
+    const int64_t auto_every = writer_ != nullptr ? mailbox_.auto_every_steps() : 0;
+    const bool outage_checkpoint = auto_every > 0 && !mailbox_.session_alive() &&
+                                   (trainer_->step() + 1) % auto_every == 0;
+    const bool checkpoint_now = mailbox_.ConsumeCheckpointNow();
     const int64_t control = (mailbox_.PlannedChangePending(plan.epoch()) ? 1 : 0) +
-                            (mailbox_.ConsumeCheckpointNow() ? kCheckpointFlag : 0);
+                            (checkpoint_now || outage_checkpoint ? kCheckpointFlag : 0);
     auto stats = trainer_->RunStep(*comm, control);
     if (!stats.ok()) {
       if (stats.status().code() == absl::StatusCode::kOutOfRange ||

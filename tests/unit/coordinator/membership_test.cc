@@ -415,6 +415,15 @@ class Sim {
         if (m.has_command() && m.command().checkpoint_now()) ++n;
       }
       EXPECT_EQ(n, Int(args[2])) << args[1];
+    } else if (cmd == "expect_announced") {
+      // expect_announced NAME N: the last "auto" interval it was told.
+      int64_t every = 0;
+      for (const auto& m : W(args[1]).inbox) {
+        if (m.has_command() && m.command().checkpoint_every_steps() > 0) {
+          every = m.command().checkpoint_every_steps();
+        }
+      }
+      EXPECT_EQ(every, Int(args[2])) << args[1];
     } else if (cmd == "expect_every_steps") {
       ASSERT_NE(m_->checkpoint_policy(), nullptr);
       EXPECT_EQ(m_->checkpoint_policy()->every_steps(), Int(args[1]));
@@ -671,14 +680,15 @@ const Scenario kScenarios[] = {
     {"AutoIntervalOrdersCheckpoints",
      {"start a b", "expect_every_steps 20", "wait 250", "ready a -1", "ready b -1",
       "expect_plan fresh 0 a b", "expect_decisions initial", "steps 0 19 a b", "expect_orders a 0",
-      "steps 19 20 a b",
+      "expect_announced a 20", "expect_announced b 20", "steps 19 20 a b",
       // One rank is told (the flag is summed in-band), once.
       "expect_orders a 1", "expect_orders b 0", "steps 20 21 a b", "expect_orders a 1",
       "shard a 21 stall=10 write=20", "shard b 21 stall=12 write=30", "expect_commits 21",
       "advance 100", "expect_decisions initial measured",
       // C = 12 ms, M = 10 s, 50 ms steps: Daly ~0.48 s, 10 steps.
-      "expect_every_steps 10", "steps 21 30 a b", "expect_orders a 1", "steps 30 31 a b",
-      "expect_orders a 2", "close b", "advance 100", "expect_decisions initial measured loss"},
+      "expect_every_steps 10", "expect_announced a 10", "expect_announced b 10", "steps 21 30 a b",
+      "expect_orders a 1", "steps 30 31 a b", "expect_orders a 2", "close b", "advance 100",
+      "expect_decisions initial measured loss"},
      [](proto::RunConfig& c) {
        c.mutable_checkpoint()->mutable_every_steps()->set_string_value("auto");
        c.mutable_checkpoint()->set_mtbf_prior_s(10);
