@@ -273,70 +273,100 @@ def fill(path):
     return filler
 
 
+def disk_full_run(name, root, make_full, free_space, digest_workers):
+    """The disk_full scenario on checkpoint dir `root`: make_full(cluster) makes the next shard
+    write fail, free_space(cluster, state) undoes it."""
+    config = small_config(DATA, deterministic=True, steps=300,
+                          checkpoint={"dir": root, "every_steps": EVERY, "keep": 2})
+    metrics_port = free_port()
+    c = Cluster(name, config)
+    ok = False
+    try:
+        c.start_coordinator("--metrics-port", str(metrics_port))
+        for _ in range(2):
+            c.start_worker()
+        wait_until(lambda: committed(config), 180, "a first committed checkpoint")
+        state = make_full(c)
+        failed = c.wait_status(lambda s: s["checkpoint_failures"] >= 1, 120,
+                               "a checkpoint failure in status")
+        error = failed["checkpoint_error"]
+        print(f"status checkpoint_error: {error}", flush=True)
+        check(root in error, f"status error does not name the path: {error!r}")
+        step = int(re.search(r"checkpoint step (\d+)", error).group(1))
+        check(not os.path.exists(os.path.join(root, f"step-{step:08d}", "manifest.json")),
+              f"the failed checkpoint {step} has a manifest")
+        newest = max(committed(config))
+        check(newest < step, f"a checkpoint at or after the failed step {step} committed "
+                             f"while the disk was full: {committed(config)}")
+        text = wait_until(lambda: (lambda t: t if re.search(
+            r"^spotrain_checkpoint_failures_total [1-9]", t, re.M) else None)(
+                metrics_text(metrics_port)), 30, "the failure counter in /metrics")
+        check(re.search(r'^spotrain_checkpoint_last_error\{error="[^"]*' + re.escape(root),
+                        text, re.M), "/metrics has no last error naming the path")
+        # The previous checkpoint is still newest and restorable: its digest checks out.
+        step_dir = os.path.join(root, f"step-{newest:08d}")
+        out = subprocess.run([os.path.join(BIN, "spotrain"), "digest", step_dir],
+                             capture_output=True, text=True, timeout=120)
+        with open(os.path.join(step_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        check(out.returncode == 0 and out.stdout.split()[0] == manifest["state_digest"],
+              f"spotrain digest {step_dir}: {out.returncode} {out.stdout} {out.stderr}")
+        # Training went on while the writes failed.
+        c.wait_step(failed["step"] + 2 * EVERY, 120)
+        free_space(c, state)
+        wait_until(lambda: max(committed(config)) > step, 180,
+                   "a checkpoint committed after space was freed")
+        c.wait_done(600)
+        check_digests(c, config, digest_workers(c))
+        ok = True
+    finally:
+        c.close(failed=not ok)
+
+
 def scenario_disk_full():
-    """A shard write that fails mid-run (ENOSPC on a small tmpfs) leaves that checkpoint
-    uncommitted, the previous one newest and restorable; training goes on; status and /metrics
-    show the error with the path; freed space lets a later checkpoint commit; the run ends with
-    the reference digest."""
-    if os.geteuid() != 0:
-        print("SKIP: disk_full needs root to mount a small tmpfs")
-        sys.exit(77)
+    """A shard write that fails mid-run leaves that checkpoint uncommitted, the previous one
+    newest and restorable; training goes on; status and /metrics show the error with the
+    path; freed space lets a later checkpoint commit; the run ends with the reference digest.
+
+    As root (CI): ENOSPC on a small tmpfs that the test fills and then frees. Otherwise (or
+    with SPOTRAIN_DISK_FULL=rlimit): a third worker joins with a file size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored) smaller than its shard, so its writes fail with EFBIG;
+    "freeing" is that worker going away."""
     root = os.path.join(WORK, "disk_full", "ckpt")
     os.makedirs(root, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", root],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        print(f"SKIP: cannot mount a tmpfs: {mounted.stderr.strip()}")
-        sys.exit(77)
-    try:
-        config = small_config(DATA, deterministic=True, steps=300,
-                              checkpoint={"dir": root, "every_steps": EVERY, "keep": 2})
-        metrics_port = free_port()
-        cluster = Cluster("disk_full", config)
-        ok = False
+    mode = os.environ.get("SPOTRAIN_DISK_FULL", "tmpfs" if os.geteuid() == 0 else "rlimit")
+    if mode == "tmpfs":
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", root],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            print(f"tmpfs not possible ({mounted.stderr.strip()}): using a file size limit")
+            mode = "rlimit"
+    if mode == "tmpfs":
         try:
-            cluster.start_coordinator("--metrics-port", str(metrics_port))
-            c = cluster
-            for _ in range(2):
-                c.start_worker()
-            wait_until(lambda: committed(config), 180, "a first committed checkpoint")
-            filler = fill(root)
-            failed = c.wait_status(lambda s: s["checkpoint_failures"] >= 1, 120,
-                                   "a checkpoint failure in status")
-            error = failed["checkpoint_error"]
-            check(root in error, f"status error does not name the path: {error!r}")
-            step = int(re.search(r"checkpoint step (\d+)", error).group(1))
-            check(not os.path.exists(os.path.join(root, f"step-{step:08d}", "manifest.json")),
-                  f"the failed checkpoint {step} has a manifest")
-            newest = max(committed(config))
-            check(newest < step, f"a checkpoint at or after the failed step {step} committed "
-                                 f"while the disk was full: {committed(config)}")
-            text = wait_until(lambda: (lambda t: t if re.search(
-                r"^spotrain_checkpoint_failures_total [1-9]", t, re.M) else None)(
-                    metrics_text(metrics_port)), 30, "the failure counter in /metrics")
-            check(re.search(r'^spotrain_checkpoint_last_error\{error="[^"]*' + re.escape(root),
-                            text, re.M), "/metrics has no last error naming the path")
-            # The previous checkpoint is still newest and restorable: its digest checks out.
-            step_dir = os.path.join(root, f"step-{newest:08d}")
-            out = subprocess.run([os.path.join(BIN, "spotrain"), "digest", step_dir],
-                                 capture_output=True, text=True, timeout=120)
-            with open(os.path.join(step_dir, "manifest.json")) as f:
-                manifest = json.load(f)
-            check(out.returncode == 0 and out.stdout.split()[0] == manifest["state_digest"],
-                  f"spotrain digest {step_dir}: {out.returncode} {out.stdout} {out.stderr}")
-            # Training went on while the writes failed.
-            at_failure = failed["step"]
-            c.wait_step(at_failure + 2 * EVERY, 120)
-            os.remove(filler)
-            wait_until(lambda: max(committed(config)) > step, 180,
-                       "a checkpoint committed after space was freed")
-            c.wait_done(600)
-            check_digests(c, config, list(c.workers))
-            ok = True
+            disk_full_run("disk_full", root, lambda c: fill(root),
+                          lambda c, filler: os.remove(filler), lambda c: list(c.workers))
         finally:
-            cluster.close(failed=not ok)
-    finally:
-        subprocess.run(["umount", "-l", root], capture_output=True)
+            subprocess.run(["umount", "-l", root], capture_output=True)
+        return
+
+    def limited_worker(c):
+        shard = sorted(glob.glob(f"{root}/step-*/shard-*-of-00002.bin"))[0]
+        # Three ranks write shards of 2/3 of a two-rank shard: half of one cannot fit.
+        blocks = max(1, os.path.getsize(shard) // 2 // 1024)
+        from harness import Process
+        proc = Process("w3", ["bash", "-c", f'trap "" XFSZ; ulimit -f {blocks}; exec '
+                              f'"{os.path.join(BIN, "spotrain-worker")}" --coordinator '
+                              f'{c.address} --name w3'],
+                       os.path.join(c.dir, "w3.log"), c.env)
+        c.workers["w3"] = proc
+        return proc
+
+    def drop_worker(c, proc):
+        proc.signal(signal.SIGKILL)
+        proc.wait(60)
+
+    disk_full_run("disk_full_rlimit", root, limited_worker, drop_worker,
+                  lambda c: ["w1", "w2"])
 
 
 def complete_shard_steps(config, world):
