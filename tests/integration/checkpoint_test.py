@@ -233,8 +233,9 @@ def scenario_auto_interval():
         c.workers["w3"].signal(signal.SIGKILL)
         wait_until(lambda: [d for d in interval_decisions(c) if d["reason"] == "loss"], 120,
                    "a decision after the loss")
-        before = [d for d in interval_decisions(c) if d["reason"] != "loss"][-1]
-        loss = [d for d in interval_decisions(c) if d["reason"] == "loss"][0]
+        decisions = interval_decisions(c)
+        first_loss = next(i for i, d in enumerate(decisions) if d["reason"] == "loss")
+        loss, before = decisions[first_loss], decisions[first_loss - 1]
         check(loss["losses"] == 1, f"loss decision: {loss}")
         check(loss["mtbl_s"] < before["mtbl_s"], f"M did not shrink: {before} -> {loss}")
         check_decision(loss)
