@@ -66,5 +66,31 @@ TEST(StatusFormatTest, TableShowsEveryMember) {
   EXPECT_THAT(table, testing::HasSubstr("recoveries: 1"));
 }
 
+TEST(StatusFormatTest, CheckpointIntervalAndFailures) {
+  proto::RunStatus s = Example();
+  s.set_checkpoint_interval_auto(true);
+  s.set_checkpoint_every_steps(37);
+  s.set_checkpoint_cost_s(0.25);
+  s.set_checkpoint_mtbl_s(1800);
+  s.set_checkpoint_failures(2);
+  s.set_checkpoint_error("checkpoint step 110 (epoch 3) not committed: /ckpt/x: No space");
+  google::protobuf::Struct parsed;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(RunStatusToJson(s), &parsed).ok());
+  const auto& f = parsed.fields();
+  EXPECT_TRUE(f.at("checkpoint_interval_auto").bool_value());
+  EXPECT_EQ(f.at("checkpoint_every_steps").number_value(), 37);
+  EXPECT_EQ(f.at("checkpoint_cost_s").number_value(), 0.25);
+  EXPECT_EQ(f.at("checkpoint_mtbl_s").number_value(), 1800);
+  EXPECT_EQ(f.at("checkpoint_failures").number_value(), 2);
+  EXPECT_THAT(f.at("checkpoint_error").string_value(), testing::HasSubstr("/ckpt/x"));
+  const std::string table = RunStatusToTable(s);
+  EXPECT_THAT(table, testing::HasSubstr("checkpoint interval: auto, every 37 steps (C 0.250 s, "
+                                        "M 1800 s)"));
+  EXPECT_THAT(table, testing::HasSubstr("checkpoint error (2 failed so far): checkpoint step 110"));
+  s.set_checkpoint_interval_auto(false);
+  s.set_checkpoint_cost_s(-1);
+  EXPECT_THAT(RunStatusToTable(s), testing::HasSubstr("checkpoint interval: every 37 steps"));
+}
+
 }  // namespace
 }  // namespace spotrain::coordinator
