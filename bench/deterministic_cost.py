@@ -10,6 +10,7 @@ the ratio deterministic / default of those pooled medians, and the median (and r
 per-round ratios, which pair runs made close in time (target <= 1.15).
 
   bench/deterministic_cost.py [--models gpt-tiny,gpt-small] [--workers 3] [--repeats 2]
+                              [--shapes 64x6x1,128x8x2]
 
 Environment: SPOTRAIN_BUILD_DIR (default build/). Never run by ctest.
 """
@@ -54,24 +55,8 @@ def run_once(data, model, deterministic, args):
         cluster.close(failed=not ok)
 
 
-def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="gpt-tiny,gpt-small")
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2, help="rounds (each runs both modes)")
-    p.add_argument("--steps", type=int, default=0,
-                   help="steps per run (default: 60 for gpt-tiny, 40 for gpt-small)")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--global-batch", type=int, default=6)
-    p.add_argument("--micro-batch", type=int, default=1,
-                   help="sequences per micro-batch (the fixed-point conversion is paid once "
-                   "per micro-batch, so more tokens per micro-batch dilute it)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
-    args = p.parse_args(argv[1:])
-
-    work = tempfile.mkdtemp(prefix="spotrain-detcost-")
-    data = write_corpus(os.path.join(work, "data"), tokens=200000)
+def measure_shape(data, args):
+    """Both modes for every model at one shape; prints the progress and a table."""
     load = os.getloadavg()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.2f} at start; {args.workers} workers, seq_len {args.seq_len}, "
@@ -110,6 +95,33 @@ def main(argv):
               f"({lo:.2f}-{hi:.2f}) | {wb:.1f} / {wd:.1f} |")
     load = os.getloadavg()
     print(f"# load average {load[0]:.2f} at the end (other work on the machine counts)")
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt-tiny,gpt-small")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="rounds (each runs both modes)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per run (default: 60 for gpt-tiny, 40 for gpt-small)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    p.add_argument("--shapes", default="64x6x1,128x8x2",
+                   help="comma-separated SEQ_LENxGLOBAL_BATCHxMICRO_BATCH, each measured in "
+                   "turn; default: the worst case (64 tokens per micro-batch: the fixed-point "
+                   "conversion is paid once per micro-batch, so more tokens dilute it) and the "
+                   "demo's shape (examples/tiny.json)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
+    args = p.parse_args(argv[1:])
+
+    work = tempfile.mkdtemp(prefix="spotrain-detcost-")
+    data = write_corpus(os.path.join(work, "data"), tokens=200000)
+    for shape in args.shapes.split(","):
+        try:
+            args.seq_len, args.global_batch, args.micro_batch = (int(x) for x in shape.split("x"))
+        except ValueError:
+            p.error(f"--shapes: '{shape}' is not SEQ_LENxGLOBAL_BATCHxMICRO_BATCH (e.g. 64x6x1)")
+        measure_shape(data, args)
+        print()
     return 0
 
 
