@@ -1104,6 +1104,8 @@ void Membership::FinishPreparation(Actions* actions) {
   const int64_t lost = std::max<int64_t>(0, run_completed_ - decision.start_step);
   run_completed_ = decision.start_step;
   if (policy_) policy_->OnPlan(decision.start_step);
+  // A restore may go back before the newest reported shards: count the interval from there.
+  last_shard_step_ = std::min(last_shard_step_, decision.start_step);
   if (IsRecoveryCause(p.cause)) ++counters_.recoveries;
   counters_.lost_steps += lost;
   ++counters_.plans;
