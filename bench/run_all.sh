@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every benchmark of the project on this machine and regenerates docs/benchmarks.md
-# (tables, the machine, the date, plots). Needs a built tree (scripts/setup.sh), the demo
-# corpus (scripts/prepare_default_data.sh) and Debian's python3-torch for the PyTorch and
-# torchrun comparisons. Takes about 27 minutes on a 2-core machine; run it on a quiet machine.
+# (tables, the machine, the date, plots). One command from a clean checkout: it runs
+# scripts/setup.sh first (Debian packages when missing, then an incremental build), writes the
+# demo corpus (scripts/prepare_default_data.sh) and installs Debian's python3-torch for the
+# PyTorch and torchrun comparisons. Takes about 27 minutes on a 2-core machine; run it on a quiet machine.
 #   bench/run_all.sh [BUILD_DIR]
 # Each benchmark's output lands in bench/out/<name>.txt (and .json where it writes one).
 set -euo pipefail
@@ -11,6 +12,7 @@ build=${1:-build}
 export SPOTRAIN_BUILD_DIR=$PWD/$build
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 mkdir -p bench/out
+scripts/setup.sh "$build"
 scripts/prepare_default_data.sh "$build" >/dev/null
 if ! /usr/bin/python3 -c "import torch" 2>/dev/null; then
   echo "run_all: installing python3-torch for the PyTorch comparisons"
