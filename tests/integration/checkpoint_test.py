@@ -178,6 +178,15 @@ def interval_decisions(c):
     return [e for e in c.events() if e.get("event") == "checkpoint_interval"]
 
 
+def wait_measured_decision(c):
+    """Waits for the first interval decision made from a measured checkpoint cost (the initial
+    interval, 20 steps, gives the first measurement); returns the newest such decision."""
+    def measured():
+        return [d for d in interval_decisions(c) if d["reason"] == "measured"]
+    wait_until(measured, 180, "a decision from a measured checkpoint cost")
+    return measured()[-1]
+
+
 def commits_logged(c):
     """Steps of every checkpoint the coordinator committed (pruned ones included)."""
     return [int(m) for m in re.findall(r"checkpoint step (\d+) committed", c.coordinator.output())]
@@ -216,10 +225,7 @@ def scenario_auto_interval():
     def body(c):
         for _ in range(3):
             c.start_worker()
-        # The initial interval (20 steps) gives the first measurement.
-        wait_until(lambda: [d for d in interval_decisions(c) if d["reason"] == "measured"], 180,
-                   "a decision from a measured checkpoint cost")
-        measured = [d for d in interval_decisions(c) if d["reason"] == "measured"][-1]
+        measured = wait_measured_decision(c)
         check(interval_decisions(c)[0]["reason"] == "initial" and
               interval_decisions(c)[0]["every_steps"] == 20,
               f"first decision is not the initial interval: {interval_decisions(c)}")
@@ -390,8 +396,7 @@ def scenario_auto_outage():
     def body(c):
         for _ in range(2):
             c.start_worker()
-        wait_until(lambda: [d for d in interval_decisions(c) if d["reason"] == "measured"], 180,
-                   "a decision from a measured checkpoint cost")
+        wait_measured_decision(c)
         c.coordinator.signal(signal.SIGKILL)
         c.coordinator.wait(30)
         before = set(complete_shard_steps(config, 2))
