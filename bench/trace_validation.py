@@ -135,13 +135,7 @@ class LiveRun:
         best = None
         for name in self.live_workers():
             proc = self.cluster.workers[name]
-            try:
-                with open(proc.log_path, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    f.seek(max(0, f.tell() - 2048))
-                    tail = f.read().decode(errors="replace")
-            except OSError:
-                continue
+            tail = proc.output_tail(2048)
             m = re.findall(r"^step (\d+)/\d+ .*\| epoch (\d+) rank \d+/(\d+)$", tail, re.M)
             if m:
                 step, epoch, world = (int(x) for x in m[-1])

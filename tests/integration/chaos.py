@@ -406,13 +406,7 @@ class _Run:
         for name, proc in self.cluster.workers.items():
             if name in self.stopped or not proc.alive():
                 continue
-            try:
-                with open(proc.log_path, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    f.seek(max(0, f.tell() - 4096))
-                    tail = f.read().decode(errors="replace")
-            except OSError:
-                continue
+            tail = proc.output_tail(4096)
             steps = re.findall(r"^step (\d+)/", tail, re.M)
             if steps:
                 newest = max(newest, int(steps[-1]))

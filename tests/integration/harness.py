@@ -120,6 +120,16 @@ class Process:
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
+    def output_tail(self, nbytes):
+        """The last `nbytes` of the log (cheap to poll on a long run); "" if unreadable."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - nbytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def tail(self, lines=30):
         return "\n".join(self.output().splitlines()[-lines:])
 
