@@ -13,6 +13,10 @@
 // floats), followed by the step. It is what checkpoints shard, what broadcasts copy and what
 // StateDigest hashes.
 //
+// The state and the arithmetic live in a Replica (worker/replica.h): on the CPU
+// (CpuReplica, the reference) or on one CUDA GPU (CudaReplica; the gradients are then
+// reduced in device memory, so the communicator must be NCCL).
+//
 // Thread-safety: a Trainer is used by one thread (the worker's training thread). It never
 // starts threads of its own except the kernels' OpenMP/BLAS workers.
 #ifndef SPOTRAIN_WORKER_TRAINER_H_
@@ -28,7 +32,7 @@
 #include "proto/config.pb.h"
 #include "worker/communicator.h"
 #include "worker/data.h"
-#include "worker/model.h"
+#include "worker/replica.h"
 
 namespace spotrain::worker {
 
@@ -42,12 +46,21 @@ struct StepStats {
   int64_t control_sum = 0;  // sum over ranks of the `control` value passed to RunStep
 };
 
+// The device a Trainer computes on (worker/device.h decides it).
+struct TrainerDevice {
+  bool cuda = false;  // false: the CPU
+  int index = 0;      // CUDA ordinal
+};
+
 class Trainer {
  public:
-  // Builds the model for config.model() and opens the train and val datasets. Errors: the
-  // config's model is unknown (kInvalidArgument), a data file is missing or bad (the
-  // loader's error, naming the file).
-  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const proto::RunConfig& config);
+  // Builds the model for config.model() on `device` and opens the train and val datasets.
+  // Errors: the config's model is unknown (kInvalidArgument), a data file is missing or bad
+  // (the loader's error, naming the file), a CUDA device in a build without CUDA or one
+  // that is not usable (kFailedPrecondition), too little device memory (kResourceExhausted).
+  // precision "bf16" needs a CUDA device (kInvalidArgument on the CPU).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const proto::RunConfig& config,
+                                                         const TrainerDevice& device = {});
 
   // Fresh initial state: parameters from the run's seed, zero moments, step 0.
   void InitFresh();
@@ -56,7 +69,9 @@ class Trainer {
   int64_t step() const { return step_; }
   const proto::RunConfig& config() const { return config_; }
   const proto::ModelConfig& model_config() const { return model_config_; }
-  int64_t num_parameters() const { return model_->num_parameters(); }
+  int64_t num_parameters() const { return replica_->num_parameters(); }
+  // Where the state lives: "cpu" or "cuda:0 (...)".
+  std::string device_description() const { return replica_->description(); }
   int num_micro_batches() const { return config_.global_batch() / config_.micro_batch(); }
 
   // Runs step `step()` on this rank's micro-batches and reduces over `comm` (whose world
@@ -86,19 +101,15 @@ class Trainer {
   absl::Status BroadcastState(Communicator& comm, int root);
 
  private:
-  Trainer(proto::RunConfig config, proto::ModelConfig model_config, std::unique_ptr<GptModel> model,
-          std::unique_ptr<TokenDataset> train, std::unique_ptr<TokenDataset> val);
-  float* StatePiece(int piece);
-  const float* StatePiece(int piece) const;
+  Trainer(proto::RunConfig config, proto::ModelConfig model_config,
+          std::unique_ptr<Replica> replica, std::unique_ptr<TokenDataset> train,
+          std::unique_ptr<TokenDataset> val);
 
   proto::RunConfig config_;
   proto::ModelConfig model_config_;
-  std::unique_ptr<GptModel> model_;
+  std::unique_ptr<Replica> replica_;
   std::unique_ptr<TokenDataset> train_;
   std::unique_ptr<TokenDataset> val_;
-  std::vector<float> m_;
-  std::vector<float> v_;
-  std::vector<int64_t> fixed_accum_;  // deterministic mode only
   std::vector<int32_t> inputs_;
   std::vector<int32_t> targets_;
   int64_t step_ = 0;
