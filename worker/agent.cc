@@ -18,6 +18,7 @@
 #include "common/run_config.h"
 #include "common/status_macros.h"
 #include "worker/checkpoint.h"
+#include "worker/epoch_communicator.h"
 #include "worker/gloo_communicator.h"
 #include "worker/progress.h"
 #include "worker/trainer.h"
@@ -244,9 +245,9 @@ class Agent {
     absl::MutexLock lock(&replay_mu_);
     std::deque<proto::WorkerMessage> unconfirmed;
     for (proto::WorkerMessage& m : unconfirmed_shards_) {
-      if (common::PathExists(common::JoinPath(
-              StepDirectory(config_.checkpoint().dir(), m.shard_written().step()),
-              "manifest.json"))) {
+      if (common::PathExists(
+              common::JoinPath(StepDirectory(config_.checkpoint().dir(), m.shard_written().step()),
+                               "manifest.json"))) {
         continue;
       }
       client_->Send(m);
@@ -276,6 +277,7 @@ class Agent {
   proto::RunConfig config_;
   uint64_t fingerprint_ = 0;
   std::unique_ptr<Trainer> trainer_;
+  EpochCommunicatorFactory communicators_{options_.trainer_device};
   // Declared after client_: destroyed first, so its callback never outlives the client.
   std::unique_ptr<CheckpointWriter> writer_;
   int64_t checkpoint_every_ = 0;  // fixed interval in steps; 0: only the final checkpoint
@@ -431,7 +433,7 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
   gloo_options.op_timeout = absl::Milliseconds(config_.op_timeout_ms());
   const int64_t epoch = plan.epoch();
   gloo_options.cancelled = [this, epoch] { return mailbox_.Interrupted(epoch); };
-  auto created = CreateGlooCommunicator(kv, plan.epoch(), rank, plan.world_size(), gloo_options);
+  auto created = communicators_.Create(kv, plan.epoch(), rank, plan.world_size(), gloo_options);
   if (!created.ok()) {
     SendCollectiveFailed(plan.epoch(), created.status());
     return absl::OkStatus();
@@ -509,8 +511,8 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     // every_steps "auto" while the coordinator is unreachable: keep checkpointing at its
     // last interval (the ranks agree in-band, whichever of them lost its session).
     const int64_t auto_every = writer_ != nullptr ? mailbox_.auto_every_steps() : 0;
-    const bool outage_checkpoint = auto_every > 0 && !mailbox_.session_alive() &&
-                                   (trainer_->step() + 1) % auto_every == 0;
+    const bool outage_checkpoint =
+        auto_every > 0 && !mailbox_.session_alive() && (trainer_->step() + 1) % auto_every == 0;
     const bool checkpoint_now = mailbox_.ConsumeCheckpointNow();
     const int64_t control = (mailbox_.PlannedChangePending(plan.epoch()) ? 1 : 0) +
                             (checkpoint_now || outage_checkpoint ? kCheckpointFlag : 0);
@@ -685,7 +687,8 @@ absl::StatusOr<AgentResult> Agent::Run() {
       agent->client_->CloseSession();
     }
   } join_heartbeat{this, heartbeat};
-  ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_));
+  ASSIGN_OR_RETURN(trainer_, Trainer::Create(config_, options_.trainer_device));
+  SPOTRAIN_LOG(Info, "training on %s", trainer_->device_description());
   RETURN_IF_ERROR(SetUpCheckpoints());
 
   AgentResult result;

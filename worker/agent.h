@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/coordinator_client.h"
+#include "worker/trainer.h"
 
 namespace spotrain::worker {
 
@@ -31,7 +32,8 @@ struct AgentOptions {
   std::string coordinator;  // HOST:PORT
   std::string name;         // default: hostname-pid
   std::string advertise_host = "127.0.0.1";
-  std::string device = "cpu";
+  std::string device = "cpu";    // announced at Join ("cpu" or "cuda:<name>")
+  TrainerDevice trainer_device;  // where the trainer computes (matches `device`)
   ClientOptions client;
   // Keep retrying the first Join this long while the coordinator is unreachable.
   absl::Duration join_timeout = absl::Minutes(10);

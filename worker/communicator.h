@@ -74,6 +74,10 @@ class Communicator {
   // operation returns depends on the backend (see its header).
   virtual void Abort() = 0;
 
+  // True when the buffers of the operations may be CUDA device memory (NCCL); false when they
+  // must be host memory (Gloo).
+  virtual bool accepts_device_memory() const { return false; }
+
   // OK while the communicator is usable; otherwise the sticky error every later operation
   // returns (kAborted after Abort(), kUnavailable after a failure).
   virtual absl::Status status() const = 0;

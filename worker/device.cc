@@ -72,9 +72,10 @@ absl::StatusOr<DeviceChoice> ChooseDevice(const std::string& flag, const CudaPro
       return choice;
     }
     if (!gpu_training) {
-      choice.message = absl::StrCat(
-          "device: CPU (--device auto: ", *probe.device_count, " GPU(s) found, first ",
-          Describe(probe, 0), ", but this worker's elastic training path runs on the CPU only)");
+      choice.message =
+          absl::StrCat("device: CPU (--device auto: ", *probe.device_count, " GPU(s) found, first ",
+                       Describe(probe, 0),
+                       ", but this worker was built without NCCL, which GPU training needs)");
       return choice;
     }
     choice.cuda = true;
@@ -107,9 +108,8 @@ absl::StatusOr<DeviceChoice> ChooseDevice(const std::string& flag, const CudaPro
   if (!gpu_training) {
     return absl::FailedPreconditionError(absl::StrCat(
         "--device ", flag, ": ", description,
-        " is usable, but this worker's elastic training path runs on the CPU only (the GPU "
-        "model and the NCCL communicator exist but are not wired into the worker yet); use "
-        "--device cpu or auto"));
+        " is usable, but this worker was built without NCCL, which GPU training needs "
+        "(install NCCL next to the CUDA toolkit and rebuild); use --device cpu or auto"));
   }
   choice.cuda = true;
   choice.index = index;

@@ -40,7 +40,8 @@ struct DeviceChoice {
 
 // Decides the device for `flag`:
 //   cpu      the CPU.
-//   auto     a GPU when one is usable and `gpu_training` (this worker can train on a GPU),
+//   auto     a GPU when one is usable and `gpu_training` (this build can train on a GPU:
+//            CUDA and NCCL),
 //            else the CPU; the message says which and why.
 //   cuda, cuda:N  that GPU (N defaults to 0); kFailedPrecondition naming the problem when
 //            the build has no CUDA, no device is usable, N does not exist, or the worker

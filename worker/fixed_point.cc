@@ -29,13 +29,17 @@ inline bool Convert(float x, int64_t* out) {
   return true;
 }
 
-absl::Status OutOfRange(int64_t index, float value) {
+}  // namespace
+
+absl::Status FixedPointRangeError(int64_t index, float value) {
   return absl::OutOfRangeError(absl::StrFormat(
       "fixed-point gradient conversion: element %d is %.9g; deterministic mode needs every "
       "gradient element to be finite with |x| < %g (the run has likely diverged: lower the "
       "learning rate or enable gradient clipping)",
       index, value, static_cast<double>(kFixedPointMaxAbs)));
 }
+
+namespace {
 
 absl::Status Overflow(int64_t index) {
   return absl::OutOfRangeError(absl::StrFormat(
@@ -49,7 +53,7 @@ template <bool kAssign, bool kClear>
 absl::Status ScalarDrain(const float* src, int64_t begin, int64_t end, int64_t* acc, float* clear) {
   for (int64_t i = begin; i < end; ++i) {
     int64_t v;
-    if (!Convert(src[i], &v)) return OutOfRange(i, src[i]);
+    if (!Convert(src[i], &v)) return FixedPointRangeError(i, src[i]);
     if (kAssign) {
       acc[i] = v;
     } else if (__builtin_add_overflow(acc[i], v, &acc[i])) {

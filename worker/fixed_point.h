@@ -64,6 +64,10 @@ absl::Status AddFixedPoint(const int64_t* src, int64_t n, int64_t* acc);
 // micro-batch gradients. Deterministic: equal accumulators give bit-identical floats.
 void FromFixedPoint(const int64_t* acc, int64_t n, double factor, float* dst);
 
+// The kOutOfRange error of the conversions for element `index` holding `value` (also used by
+// the GPU conversion, worker/fixed_point_cuda.h).
+absl::Status FixedPointRangeError(int64_t index, float value);
+
 // On x86-64 CPUs with AVX2 the conversions run four elements at a time with exactly the
 // scalar loop's arithmetic (every step is exact or one IEEE rounding), so results are
 // bit-identical on every machine, with or without AVX2; tests compare the two.

@@ -32,8 +32,9 @@ ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "Address the other workers use to reach this one for collectives (this pod's IP).");
 ABSL_FLAG(std::string, device, "auto",
           "Device: auto (a GPU when this worker can train on one, else the CPU; the log says "
-          "which and why), cpu, or cuda:N (an error when no usable GPU N exists). This version "
-          "trains on the CPU only: cuda:N exits with an error naming the reason.");
+          "which and why), cpu, or cuda:N (an error when no usable GPU N exists, or when this "
+          "build lacks CUDA or NCCL). A run trains on one backend: the coordinator refuses a "
+          "CPU worker into a GPU run and the reverse.");
 ABSL_FLAG(std::string, preemption_notice, "none",
           "Watch a cloud metadata server for spot preemption notices: auto, aws, gcp or none. "
           "SIGTERM is always handled.");
@@ -64,7 +65,8 @@ void OnSigterm(int) {
   }
 }
 
-int RunElastic(const std::string& join_device) {
+int RunElastic(const std::string& join_device,
+               const spotrain::worker::TrainerDevice& trainer_device) {
   using namespace spotrain::worker;
   static LeaveRequest leave;
   g_leave = &leave;
@@ -83,6 +85,7 @@ int RunElastic(const std::string& join_device) {
   }
   options.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   options.device = join_device;
+  options.trainer_device = trainer_device;
   auto token = ReadRunToken(absl::GetFlag(FLAGS_token_file));
   if (!token.ok()) {
     std::fprintf(stderr, "spotrain-worker: %s\n", std::string(token.status().message()).c_str());
@@ -143,17 +146,19 @@ int main(int argc, char** argv) {
       "worker/main.cc");
   namespace common = spotrain::common;
 
-  // The GPU model (worker/cuda_model.h) and the NCCL communicator exist, but the trainer
-  // the worker runs is CPU-only: auto stays on the CPU (and says why), cuda:N is an error.
-  auto device = spotrain::worker::ChooseDevice(absl::GetFlag(FLAGS_device),
-                                               spotrain::worker::ProbeCudaDevices(),
-                                               /*gpu_training=*/false);
+  // GPU training needs CUDA (the model) and NCCL (the gradient reduction).
+  const spotrain::worker::CudaProbe probe = spotrain::worker::ProbeCudaDevices();
+  auto device = spotrain::worker::ChooseDevice(absl::GetFlag(FLAGS_device), probe,
+                                               /*gpu_training=*/probe.built_with_nccl);
   if (!device.ok()) {
     std::fprintf(stderr, "spotrain-worker: %s\n", std::string(device.status().message()).c_str());
     return 2;
   }
   SPOTRAIN_LOG(Info, "%s", device->message);
-  if (!absl::GetFlag(FLAGS_coordinator).empty()) return RunElastic(device->join_device);
+  const spotrain::worker::TrainerDevice trainer_device{device->cuda, device->index};
+  if (!absl::GetFlag(FLAGS_coordinator).empty()) {
+    return RunElastic(device->join_device, trainer_device);
+  }
 
   spotrain::proto::RunConfig config;
   const std::string path = absl::GetFlag(FLAGS_config);
@@ -174,7 +179,7 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
-  auto summary = spotrain::worker::RunStandalone(config, stdout);
+  auto summary = spotrain::worker::RunStandalone(config, stdout, trainer_device);
   if (!summary.ok()) {
     std::fprintf(stderr, "spotrain-worker: %s\n", summary.status().ToString().c_str());
     return 1;

@@ -5,6 +5,7 @@
 //
 // Thread-safety: see nccl_api.h (callers hold mu() around every call).
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <nccl.h>
 
 #include <cstring>
@@ -103,7 +104,17 @@ class CudaNcclApi final : public NcclApi {
   }
 
   NcclResult CommRevoke(Comm comm) override {
-    return FromNccl(ncclCommRevoke(Native(comm), NCCL_REVOKE_DEFAULT));
+    // ncclCommRevoke is new in NCCL 2.28; an older library (2.27, e.g. the one PyTorch's
+    // wheels bring) lacks it. It is looked up at run time so that the worker runs on either;
+    // without it the communicator aborts instead of revoking (nccl_communicator.cc).
+    using RevokeFn = ncclResult_t (*)(ncclComm_t, int);
+    static const RevokeFn revoke =
+        reinterpret_cast<RevokeFn>(dlsym(RTLD_DEFAULT, "ncclCommRevoke"));
+    if (revoke == nullptr) {
+      revoke_missing_ = true;
+      return NcclResult::kInvalidUsage;
+    }
+    return FromNccl(revoke(Native(comm), NCCL_REVOKE_DEFAULT));
   }
 
   NcclResult CommAbort(Comm comm) override { return FromNccl(ncclCommAbort(Native(comm))); }
@@ -174,6 +185,12 @@ class CudaNcclApi final : public NcclApi {
   }
 
   std::string ErrorString(NcclResult result, Comm comm) override {
+    if (result == NcclResult::kInvalidUsage && revoke_missing_) {
+      int version = 0;
+      ncclGetVersion(&version);
+      return absl::StrFormat("this NCCL (version code %d) has no ncclCommRevoke (2.28.3 lacks it)",
+                             version);
+    }
     std::string text = ncclGetErrorString(static_cast<ncclResult_t>(static_cast<int>(result)));
     if (comm != nullptr) {
       const char* last = ncclGetLastError(Native(comm));
@@ -254,6 +271,7 @@ class CudaNcclApi final : public NcclApi {
   int64_t pending_bytes_ = 0;
   bool copy_back_enqueued_ = false;
   std::string cuda_error_;
+  bool revoke_missing_ = false;  // the loaded NCCL has no ncclCommRevoke
 };
 
 }  // namespace

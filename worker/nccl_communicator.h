@@ -107,6 +107,7 @@ class NcclCommunicator : public Communicator {
   // kAborted at its next poll, later ones at once; Shrink then re-inits.
   void Abort() override;
   absl::Status status() const override;
+  bool accepts_device_memory() const override { return true; }
 
   // The coordinator says a peer of this epoch is gone: the operation in progress (or the
   // next one) revokes its work and fails with kUnavailable. Any thread; idempotent.

@@ -8,24 +8,28 @@
 #include "common/logging.h"
 #include "common/model_presets.h"
 #include "common/status_macros.h"
-#include "worker/gloo_communicator.h"
+#include "worker/epoch_communicator.h"
 #include "worker/progress.h"
 #include "worker/rendezvous_store.h"
 #include "worker/trainer.h"
 
 namespace spotrain::worker {
 
-absl::StatusOr<RunSummary> RunStandalone(const proto::RunConfig& config, FILE* out) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(config));
+absl::StatusOr<RunSummary> RunStandalone(const proto::RunConfig& config, FILE* out,
+                                         const TrainerDevice& device) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(config, device));
   trainer->InitFresh();
-  SPOTRAIN_LOG(Info, "standalone run: %s, %d parameters, %d steps, global batch %d x %d tokens%s",
+  SPOTRAIN_LOG(Info,
+               "standalone run: %s, %d parameters, %d steps, global batch %d x %d tokens%s, on %s",
                config.model(), trainer->num_parameters(), config.steps(), config.global_batch(),
-               config.seq_len(), config.deterministic() ? ", deterministic" : "");
+               config.seq_len(), config.deterministic() ? ", deterministic" : "",
+               trainer->device_description());
   InMemoryKeyValue kv;
   GlooOptions options;
   options.interface_host = "127.0.0.1";
+  EpochCommunicatorFactory communicators(device);
   ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
-                   CreateGlooCommunicator(kv, /*epoch=*/0, /*rank=*/0, /*world_size=*/1, options));
+                   communicators.Create(kv, /*epoch=*/0, /*rank=*/0, /*world_size=*/1, options));
 
   RunSummary summary;
   double tokens = 0, seconds = 0;

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/config.pb.h"
+#include "worker/trainer.h"
 
 namespace spotrain::worker {
 
@@ -25,7 +26,9 @@ struct RunSummary {
 // Trains `config` to the end in this process, printing progress lines and a summary line
 // to `out`. Errors: the trainer's (bad data, bad config) and kOutOfRange/kInternal from a
 // diverging step.
-absl::StatusOr<RunSummary> RunStandalone(const proto::RunConfig& config, FILE* out);
+// `device`: where to compute (a GPU trains with a one-rank NCCL communicator).
+absl::StatusOr<RunSummary> RunStandalone(const proto::RunConfig& config, FILE* out,
+                                         const TrainerDevice& device = {});
 
 }  // namespace spotrain::worker
 

@@ -66,7 +66,7 @@ TEST(DeviceTest, AutoStaysOnCpuWhenTheWorkerCannotTrainOnGpu) {
   auto c = ChooseDevice("auto", TwoGpus(), false);
   ASSERT_TRUE(c.ok());
   EXPECT_FALSE(c->cuda);
-  EXPECT_THAT(c->message, HasSubstr("CPU only"));
+  EXPECT_THAT(c->message, HasSubstr("without NCCL"));
 }
 
 TEST(DeviceTest, CudaWithoutAGpuIsAClearError) {
