@@ -344,8 +344,12 @@ TEST_F(CudaModelTest, Gpt2SmallShapeMatchesCpu) {
 // docs/gpu-results.md), on a smaller batch so that both models fit next to each other
 // quickly. GPU only (the CPU model would take minutes): bf16 against the fp32 CUDA model, which
 // matches the CPU above. First the gradients of the same parameters and batch along the fp32
-// model's trajectory; then 8 steps of bf16 training on its own, whose loss must go down and
-// stay close to the fp32 run's. Added after the run, never run on a GPU yet.
+// model's trajectory; then 8 steps of bf16 training on its own, whose loss must stay close
+// to the fp32 run's at every step. On the H100 (2026-11-27, second run) bf16 tracked fp32
+// within 1% at every step, and BOTH rose from 10.99 to about 12.7 at step 6: with a constant
+// lr of 6e-4, no warm-up and two random batches cycled, the model memorises and overshoots
+// in either precision. So the benchmark's rising loss is this set-up, not bf16 arithmetic,
+// and the loss is deliberately not required to go down here.
 TEST_F(CudaModelTest, Bf16TrainingTracksFp32AtGpt2Scale) {
   auto preset = common::ModelConfigForPreset("gpt2-124m");
   ASSERT_TRUE(preset.ok()) << preset.status();
@@ -432,8 +436,9 @@ TEST_F(CudaModelTest, Bf16TrainingTracksFp32AtGpt2Scale) {
     std::printf("  step %d loss fp32 %.4f bf16 %.4f\n", t + 1, losses[0][t], losses[1][t]);
     EXPECT_NEAR(losses[1][t], losses[0][t], 2e-2 * losses[0][t]) << "step " << t + 1;
   }
-  EXPECT_LT(losses[0].back(), losses[0].front());
-  EXPECT_LT(losses[1].back(), losses[1].front());
+  for (int m = 0; m < 2; ++m) {
+    for (float loss : losses[m]) EXPECT_TRUE(std::isfinite(loss));
+  }
 }
 
 }  // namespace

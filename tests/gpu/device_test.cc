@@ -32,11 +32,15 @@ TEST(DeviceGpuTest, ProbeSeesTheGpu) {
   auto cuda0 = ChooseDevice("cuda:0", probe, /*gpu_training=*/true);
   ASSERT_TRUE(cuda0.ok()) << cuda0.status();
   EXPECT_EQ(cuda0->index, 0);
-  // What the worker does today: the trainer is CPU-only.
-  auto today = ChooseDevice("auto", probe, /*gpu_training=*/false);
-  ASSERT_TRUE(today.ok());
-  EXPECT_FALSE(today->cuda);
-  EXPECT_THAT(today->message, HasSubstr("CPU only"));
+  // What the worker does (worker/main.cc): it trains on the GPU when built with NCCL.
+  auto worker = ChooseDevice("auto", probe, /*gpu_training=*/probe.built_with_nccl);
+  ASSERT_TRUE(worker.ok());
+  EXPECT_EQ(worker->cuda, probe.built_with_nccl);
+  // A build without NCCL stays on the CPU and says why.
+  auto no_nccl = ChooseDevice("auto", probe, /*gpu_training=*/false);
+  ASSERT_TRUE(no_nccl.ok());
+  EXPECT_FALSE(no_nccl->cuda);
+  EXPECT_THAT(no_nccl->message, HasSubstr("without NCCL"));
   EXPECT_EQ(ChooseDevice("cuda:0", probe, false).status().code(),
             absl::StatusCode::kFailedPrecondition);
 }

@@ -3,14 +3,16 @@
 # self-contained folder that runs on a bare GPU machine (CUDA driver and toolkit present,
 # none of Debian's gRPC, protobuf, Abseil, gloo or OpenBLAS):
 #   tests/gpu/package.sh OUTDIR [BUILD_DIR]        (BUILD_DIR default: build-cuda)
-# OUTDIR gets bin/ (tests/gpu_* and spotrain-gpu-train), lib/ (every shared library they load
+# OUTDIR gets bin/ (tests/gpu_*, spotrain-gpu-train, and spotrain-worker,
+# spotrain-coordinator and spotrain when built, for tests/gpu/worker_test.py), lib/ (every shared library they load
 # except the C library, the dynamic loader and the CUDA driver/runtime/cuBLAS/NCCL libraries,
 # which the GPU machine has), run.sh (a copy of tests/gpu/run.sh) and MANIFEST. Then, on the
 # GPU machine: SPOTRAIN_PREBUILT=OUTDIR OUTDIR/run.sh RESULTS_DIR
 # Build first, e.g.:
 #   cmake -S . -B build-cuda -G Ninja -DSPOTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
 #   ninja -C build-cuda gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test \
-#     gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train
+#     gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train spotrain-worker \
+#     spotrain-coordinator spotrain
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,7 +24,9 @@ binaries=()
 for f in "$build"/tests/gpu_*; do
   [[ -f $f && -x $f ]] && binaries+=("$f")
 done
-[[ -x $build/bin/spotrain-gpu-train ]] && binaries+=("$build/bin/spotrain-gpu-train")
+for b in spotrain-gpu-train spotrain-worker spotrain-coordinator spotrain; do
+  [[ -x $build/bin/$b ]] && binaries+=("$build/bin/$b")
+done
 if ((${#binaries[@]} == 0)); then
   echo "package: no GPU binaries in $build (build tests/gpu_* and spotrain-gpu-train first)" >&2
   exit 1
@@ -55,8 +59,12 @@ if ((${#missing[@]})); then
   echo "package: unresolved libraries: ${missing[*]}" >&2
   exit 1
 fi
-strip --strip-unneeded "$out"/lib/*.so* 2>/dev/null || true
+strip --strip-unneeded "$out"/lib/*.so* "$out"/bin/* 2>/dev/null || true
 cp tests/gpu/run.sh "$out/run.sh"
+# The worker test (run.sh phase 1b) and the harness it imports, at their repository paths.
+mkdir -p "$out/tests/gpu" "$out/tests/integration"
+cp tests/gpu/worker_test.py "$out/tests/gpu/"
+cp tests/integration/harness.py "$out/tests/integration/"
 chmod +x "$out/run.sh"
 {
   echo "spotrain GPU package"

@@ -3,6 +3,9 @@
 # minutes with 16 cores):
 #   1. the gpu-labelled tests (kernels/cuda vs the CPU reference, the CUDA model vs the CPU
 #      model, determinism, the one-rank NCCL communicator), each binary under a time limit;
+#   1b. the worker on the GPU as real processes (tests/gpu/worker_test.py: deterministic
+#      repeatability and GPU vs CPU loss, kill -9 and restore from a checkpoint under a
+#      coordinator, a CPU worker refused, bf16), when spotrain-worker is there too;
 #   2. GPT-2 124M training throughput on one GPU, fp32 / tf32 / bf16, uniformly random tokens
 #      (no dataset): ms/step, tokens/s, MFU by llm.c's 6N + 6LCT FLOPs per token against the
 #      GPU's dense peak for that arithmetic (H100 SXM: fp32 67, tf32 495, bf16 989 TFLOP/s);
@@ -36,15 +39,18 @@ log() { echo "[run.sh +$(($(date +%s) - start))s] $*"; }
 # ---- where the binaries come from ---------------------------------------------------------
 tests=()
 bench=""
+bin_root=""  # a folder whose bin/ holds spotrain-worker, spotrain-coordinator and spotrain
 if [[ -n ${SPOTRAIN_PREBUILT:-} ]]; then
   pre=$(cd "$SPOTRAIN_PREBUILT" && pwd) || { echo "no folder $SPOTRAIN_PREBUILT" >&2; exit 1; }
   if [[ -d $pre/lib ]]; then  # a package
     for f in "$pre"/bin/gpu_*; do [[ -x $f ]] && tests+=("$f"); done
     [[ -x $pre/bin/spotrain-gpu-train ]] && bench=$pre/bin/spotrain-gpu-train
+    [[ -x $pre/bin/spotrain-worker ]] && bin_root=$pre
     export LD_LIBRARY_PATH="$pre/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   else  # a build directory
     for f in "$pre"/tests/gpu_*; do [[ -f $f && -x $f ]] && tests+=("$f"); done
     [[ -x $pre/bin/spotrain-gpu-train ]] && bench=$pre/bin/spotrain-gpu-train
+    [[ -x $pre/bin/spotrain-worker ]] && bin_root=$pre
   fi
 else
   repo=$(cd "$script_dir/../.." && pwd)
@@ -54,8 +60,8 @@ else
   if ! cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPOTRAIN_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 ||
      ! ninja -C "$build" gpu_ops_test gpu_cuda_model_test gpu_gemm_plan_test \
-      gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train \
-      >>"$out/build.log" 2>&1; then
+      gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train spotrain-worker \
+      spotrain-coordinator spotrain >>"$out/build.log" 2>&1; then
     tail -30 "$out/build.log"
     echo "build failed (log: $out/build.log). On a machine without Debian's gRPC/protobuf/Abseil," >&2
     echo "build elsewhere, run tests/gpu/package.sh and pass SPOTRAIN_PREBUILT." >&2
@@ -63,6 +69,7 @@ else
   fi
   for f in "$build"/tests/gpu_*; do [[ -f $f && -x $f ]] && tests+=("$f"); done
   bench=$build/bin/spotrain-gpu-train
+  bin_root=$build
 fi
 if ((${#tests[@]} == 0)) || [[ -z $bench ]]; then
   echo "no GPU test binaries or no spotrain-gpu-train found" >&2
@@ -174,6 +181,29 @@ for t in "${tests[@]}"; do
   if [[ $status == ok ]] && ((skipped > 0)); then status="ok, but $skipped SKIPPED (no usable GPU? see tests.log)"; fi
   summary_rows+=("| test $name | $status | $passed passed, $failed failed, $skipped skipped | ${secs}s |")
 done
+
+# ---- 1b. the worker on the GPU ----------------------------------------------------------------
+worker_test=""
+for f in "$script_dir/tests/gpu/worker_test.py" "$script_dir/worker_test.py"; do
+  [[ -f $f ]] && { worker_test=$f; break; }
+done
+if [[ -n $bin_root && -n $worker_test ]]; then
+  log "test worker_test.py (the worker on the GPU under a coordinator)"
+  t0=$(date +%s)
+  echo "=== worker_test.py" >>"$out/tests.log"
+  SPOTRAIN_BUILD_DIR=$bin_root PYTHONUNBUFFERED=1 timeout --kill-after=10 \
+    "${SPOTRAIN_WORKER_TEST_TIMEOUT:-300}" python3 "$worker_test" >>"$out/tests.log" 2>&1 </dev/null
+  rc=$?
+  secs=$(($(date +%s) - t0))
+  counts=$(tail -1 "$out/tests.log")
+  status=ok
+  ((rc == 77)) && status="SKIPPED (no usable GPU for the worker)"
+  if ((rc != 0 && rc != 77)); then tests_failed=1; status="FAILED (exit $rc)"; fi
+  summary_rows+=("| test worker_test.py | $status | $counts | ${secs}s |")
+  grep -E '^(PASS|FAIL) |^  (val loss|bf16 loss)' "$out/tests.log" || true
+else
+  summary_rows+=("| test worker_test.py | NOT RUN (no spotrain-worker or worker_test.py) | | |")
+fi
 
 # ---- 2. benchmark ---------------------------------------------------------------------------
 bench_timeout=${SPOTRAIN_BENCH_TIMEOUT:-300}
