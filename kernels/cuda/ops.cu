@@ -4,7 +4,10 @@
 // of fixed row ranges that a second kernel adds up in a fixed order.
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
+#include <initializer_list>
+#include <type_traits>
 
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
@@ -32,6 +35,72 @@ __device__ __forceinline__ float Store<float>(float x) {
 template <>
 __device__ __forceinline__ bf16 Store<bf16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// 16-byte packs of activations (8 bf16 or 4 floats), converted to / from fp32 registers. The
+// row kernels below use them when a row is a whole number of warp-wide packs, so that every
+// element is loaded once, with 16-byte loads (the one-element-per-lane loops move 2-4 bytes
+// per lane per load and re-read the row for a second pass).
+template <typename Act>
+struct Pack {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(Act));
+};
+template <typename Act>
+__device__ __forceinline__ void LoadPack(const Act* p, float* out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const Act* a = reinterpret_cast<const Act*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Pack<Act>::kN; ++k) out[k] = Load(a[k]);
+}
+template <typename Act>
+__device__ __forceinline__ void StorePack(Act* p, const float* in) {
+  uint4 raw;
+  Act* a = reinterpret_cast<Act*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Pack<Act>::kN; ++k) a[k] = Store<Act>(in[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+// At most this many warp-wide packs per row in the packed row kernels (registers): rows of up
+// to 8 x 32 x 8 = 2048 bf16 or 1024 floats.
+constexpr int kMaxRowPacks = 8;
+template <typename Act>
+constexpr int RowPackWidth() {
+  return kWarp * Pack<Act>::kN;
+}
+// Calls launch(std::integral_constant<int, P>) with P = packs, 1 <= packs <= kMaxRowPacks.
+template <typename Launch>
+void WithRowPacks(int packs, Launch&& launch) {
+  switch (packs) {
+    case 1:
+      launch(std::integral_constant<int, 1>());
+      break;
+    case 2:
+      launch(std::integral_constant<int, 2>());
+      break;
+    case 3:
+      launch(std::integral_constant<int, 3>());
+      break;
+    case 4:
+      launch(std::integral_constant<int, 4>());
+      break;
+    case 5:
+      launch(std::integral_constant<int, 5>());
+      break;
+    case 6:
+      launch(std::integral_constant<int, 6>());
+      break;
+    case 7:
+      launch(std::integral_constant<int, 7>());
+      break;
+    default:
+      launch(std::integral_constant<int, 8>());
+      break;
+  }
+}
+// Whether a row of `n` elements takes the packed path: whole packs, at most kMaxRowPacks.
+template <typename Act>
+bool PackedRow(int64_t n) {
+  return n % RowPackWidth<Act>() == 0 && n / RowPackWidth<Act>() <= kMaxRowPacks;
 }
 
 template <typename X>
@@ -333,6 +402,56 @@ __global__ void LayerNormBackwardInputKernel(Act* dinp, const Act* dout, const A
   }
 }
 
+// LayerNormBackwardInputKernel for rows of C = packs x 32 x Pack::kN: each lane holds its
+// packs of inp and dout in registers, so the row is read once.
+template <typename Act, int kPacks>
+__global__ void LayerNormBackwardInputPackedKernel(Act* dinp, const Act* dout, const Act* inp,
+                                                   const float* weight, const float* mean,
+                                                   const float* rstd, int N, int C) {
+  constexpr int kN = Pack<Act>::kN;
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= N) return;
+  const int64_t base = static_cast<int64_t>(row) * C;
+  const float m = mean[row];
+  const float s = rstd[row];
+  float norm[kPacks][kN];
+  float dnorm[kPacks][kN];
+  float dnorm_sum = 0.f;
+  float dnorm_norm_sum = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    {
+      const int c0 = (p * kWarp + lane) * kN;
+      float x[kN], g[kN];
+      LoadPack(inp + base + c0, x);
+      LoadPack(dout + base + c0, g);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        norm[p][k] = (x[k] - m) * s;
+        dnorm[p][k] = weight[c0 + k] * g[k];
+        dnorm_sum += dnorm[p][k];
+        dnorm_norm_sum += dnorm[p][k] * norm[p][k];
+      }
+    }
+  }
+  const float dnorm_mean = WarpSum(dnorm_sum) / C;
+  const float dnorm_norm_mean = WarpSum(dnorm_norm_sum) / C;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    {
+      const int c0 = (p * kWarp + lane) * kN;
+      float d[kN];
+      LoadPack(dinp + base + c0, d);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        d[k] += (dnorm[p][k] - dnorm_mean - norm[p][k] * dnorm_norm_mean) * s;
+      }
+      StorePack(dinp + base + c0, d);
+    }
+  }
+}
+
 // ---- matmul helpers ------------------------------------------------------------------------
 
 // Runs `plan` (kernels/cuda/gemm_plan.h) on the operands' base pointers with cuBLAS, fp32
@@ -396,6 +515,44 @@ __global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows,
   }
 }
 
+// CausalSoftmaxBackwardKernel for rows of T = packs x 32 x Pack::kN: one pass; packs
+// wholly above the diagonal are not read, only zeroed.
+template <typename Act, int kPacks>
+__global__ void CausalSoftmaxBackwardPackedKernel(Act* datt, const Act* att, int rows, int T) {
+  constexpr int kN = Pack<Act>::kN;
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;
+  const int t = row % T;
+  const int64_t base = static_cast<int64_t>(row) * T;
+  float a[kPacks][kN];
+  float g[kPacks][kN];
+  float dot = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int j0 = (p * kWarp + lane) * kN;
+    if (j0 <= t) {
+      LoadPack(att + base + j0, a[p]);
+      LoadPack(datt + base + j0, g[p]);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (j0 + k <= t) dot += a[p][k] * g[p][k];
+      }
+    }
+  }
+  dot = WarpSum(dot);
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int j0 = (p * kWarp + lane) * kN;
+    {
+      float d[kN];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) d[k] = j0 + k <= t ? a[p][k] * (g[p][k] - dot) : 0.f;
+      StorePack(datt + base + j0, d);
+    }
+  }
+}
+
 // ---- element-wise --------------------------------------------------------------------------
 
 // GELU (tanh approximation) in the CPU reference's form: x * sigmoid(2u) with
@@ -437,6 +594,86 @@ __global__ void ResidualForwardKernel(Act* out, const Act* a, const Act* b, int6
     out[i] = Store<Act>(Load(a[i]) + Load(b[i]));
   }
 }
+
+// Packed forms of the element-wise kernels above (16-byte loads and stores, the same
+// arithmetic per element), used when n is a whole number of packs and every pointer is
+// 16-byte aligned (PackedElementwise); op(p) handles elements [p * kN, (p + 1) * kN).
+template <typename Op>
+__global__ void PackedElementwiseKernel(int64_t packs, Op op) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    op(p);
+  }
+}
+
+template <typename Act>
+struct GeluForwardPack {
+  Act* out;
+  const Act* inp;
+  __device__ void operator()(int64_t p) const {
+    constexpr int kN = Pack<Act>::kN;
+    float x[kN];
+    LoadPack(inp + p * kN, x);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = x[k] * GeluSigmoid(x[k]);
+    StorePack(out + p * kN, x);
+  }
+};
+
+template <typename Act>
+struct GeluBackwardPack {
+  Act* dinp;
+  const Act* inp;
+  const Act* dout;
+  __device__ void operator()(int64_t p) const {
+    constexpr int kN = Pack<Act>::kN;
+    float x[kN], g[kN], d[kN];
+    LoadPack(inp + p * kN, x);
+    LoadPack(dout + p * kN, g);
+    LoadPack(dinp + p * kN, d);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      const float s = GeluSigmoid(x[k]);
+      const float du = kGeluScale * (1.0f + 3.0f * kGeluCube * x[k] * x[k]);
+      const float grad = s + 2.0f * x[k] * s * (1.0f - s) * du;
+      d[k] = d[k] + grad * g[k];
+    }
+    StorePack(dinp + p * kN, d);
+  }
+};
+
+template <typename Act>
+struct ResidualForwardPack {
+  Act* out;
+  const Act* a;
+  const Act* b;
+  __device__ void operator()(int64_t p) const {
+    constexpr int kN = Pack<Act>::kN;
+    float x[kN], y[kN];
+    LoadPack(a + p * kN, x);
+    LoadPack(b + p * kN, y);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = x[k] + y[k];
+    StorePack(out + p * kN, x);
+  }
+};
+
+// out[i] += bias[i % OC]; OC is a whole number of packs, so a pack never wraps a row.
+template <typename Act>
+struct AddBiasPack {
+  Act* out;
+  const float* bias;
+  int OC;
+  __device__ void operator()(int64_t p) const {
+    constexpr int kN = Pack<Act>::kN;
+    float x[kN];
+    LoadPack(out + p * kN, x);
+    const int c0 = static_cast<int>((p * kN) % OC);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = x[k] + bias[c0 + k];
+    StorePack(out + p * kN, x);
+  }
+};
 
 template <typename Act>
 __global__ void ResidualBackwardKernel(Act* da, Act* db, const Act* dout, int64_t n) {
@@ -573,6 +810,24 @@ __global__ void CastKernel(Dst* dst, const Src* src, int64_t n) {
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarp;  // one warp per row
 
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Launches `op` over n elements of Act in packs when n is a whole number of packs and every
+// pointer is 16-byte aligned; returns false (nothing launched) otherwise.
+template <typename Act, typename Op>
+bool PackedElementwise(CudaContext& ctx, int64_t n, std::initializer_list<const void*> pointers,
+                       const Op& op) {
+  constexpr int kN = Pack<Act>::kN;
+  if (n % kN != 0) return false;
+  for (const void* p : pointers) {
+    if (!Aligned16(p)) return false;
+  }
+  const int64_t packs = n / kN;
+  PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(packs,
+                                                                                             op);
+  return true;
+}
+
 }  // namespace
 
 // ---- public operations ---------------------------------------------------------------------
@@ -643,8 +898,16 @@ absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, floa
                                const Act* dout, const Act* inp, const float* weight,
                                const float* mean, const float* rstd, int N, int C) {
   RETURN_IF_ERROR(CheckPositive("LayerNormBackward", {N, C}));
-  LayerNormBackwardInputKernel<<<static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock)), kThreads, 0,
-                                 ctx.stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);
+  const auto blocks = static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock));
+  if (PackedRow<Act>(C)) {
+    WithRowPacks(C / RowPackWidth<Act>(), [&](auto packs) {
+      LayerNormBackwardInputPackedKernel<Act, decltype(packs)::value>
+          <<<blocks, kThreads, 0, ctx.stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);
+    });
+  } else {
+    LayerNormBackwardInputKernel<<<blocks, kThreads, 0, ctx.stream()>>>(dinp, dout, inp, weight,
+                                                                        mean, rstd, N, C);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return ColumnReduce(ctx, "LayerNormBackward", LayerNormParamGrads<Act>{dout, inp, mean, rstd, C},
                       dweight, dbias, N, C);
@@ -657,8 +920,11 @@ absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* 
   RETURN_IF_ERROR(Gemm(ctx, MatmulForwardPlan(N, C, OC), weight, inp, out));
   if (bias != nullptr) {
     const int64_t total = static_cast<int64_t>(N) * OC;
-    AddBiasKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(out, bias, OC,
-                                                                                     total);
+    if (OC % Pack<Out>::kN != 0 ||
+        !PackedElementwise<Out>(ctx, total, {out}, AddBiasPack<Out>{out, bias, OC})) {
+      AddBiasKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(out, bias,
+                                                                                       OC, total);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR();
   }
   return absl::OkStatus();
@@ -718,8 +984,15 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   }
   // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
   const int rows = B * NH * T;
-  CausalSoftmaxBackwardKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads,
-                                0, ctx.stream()>>>(datt, att, rows, T);
+  const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
+  if (PackedRow<Act>(T)) {
+    WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
+      CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>
+          <<<blocks, kThreads, 0, ctx.stream()>>>(datt, att, rows, T);
+    });
+  } else {
+    CausalSoftmaxBackwardKernel<<<blocks, kThreads, 0, ctx.stream()>>>(datt, att, rows, T);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   const Act* dscores = datt;
   for (int b = 0; b < B; ++b) {
@@ -732,7 +1005,9 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
 template <typename Act>
 absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  GeluForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, inp, n);
+  if (!PackedElementwise<Act>(ctx, n, {out, inp}, GeluForwardPack<Act>{out, inp})) {
+    GeluForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, inp, n);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -740,8 +1015,10 @@ absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n) 
 template <typename Act>
 absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  GeluBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp, dout,
-                                                                                    n);
+  if (!PackedElementwise<Act>(ctx, n, {dinp, inp, dout}, GeluBackwardPack<Act>{dinp, inp, dout})) {
+    GeluBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp,
+                                                                                      dout, n);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -749,8 +1026,10 @@ absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act
 template <typename Act>
 absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  ResidualForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, a, b,
-                                                                                       n);
+  if (!PackedElementwise<Act>(ctx, n, {out, a, b}, ResidualForwardPack<Act>{out, a, b})) {
+    ResidualForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, a, b,
+                                                                                         n);
+  }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

@@ -300,6 +300,73 @@ TEST_F(GpuOpsTest, AdamWMatchesCpu) {
 
 // bf16 activations: inputs rounded to bf16 on the host feed both sides; the GPU stores its
 // outputs in bf16, hence the looser tolerance.
+// The packed row kernels (16-byte loads, one pass) take rows that are a whole number of
+// warp-wide packs: C or T a multiple of 128 (fp32) or 256 (bf16), up to 8 packs. These
+// shapes go through them; the cases above (C = 200, T = 37 / 64) through the per-element
+// loops.
+TEST_F(GpuOpsTest, PackedRowKernelsMatchCpu) {
+  AttentionCase(cpu_, ctx(), 2, 128, 64, 4);  // fp32: 1 pack per row
+  AttentionCase(cpu_, ctx(), 1, 384, 64, 2);  // fp32: 3 packs per row
+  for (int C : {256, 768}) {
+    SCOPED_TRACE(::testing::Message() << "LayerNorm backward, C=" << C);
+    const int N = 67;
+    auto inp = RandomVector(N * C, 90 + C, 2.0f);
+    auto w = RandomVector(C, 91), b = RandomVector(C, 92);
+    auto dout = RandomVector(N * C, 93);
+    std::vector<float> out(N * C), mean(N), rstd(N);
+    cpu::LayerNormForward(cpu_, out.data(), mean.data(), rstd.data(), inp.data(), w.data(),
+                          b.data(), N, C);
+    // fp32.
+    auto dinp = RandomVector(N * C, 94), dw = RandomVector(C, 95), db = RandomVector(C, 96);
+    auto dinp_ref = dinp, dw_ref = dw, db_ref = db;
+    cpu::LayerNormBackward(cpu_, dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.data(),
+                           inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    DeviceBuffer<float> d_inp(inp), d_w(w), d_mean(mean), d_rstd(rstd), d_dout(dout), d_dinp(dinp),
+        d_dw(dw), d_db(db);
+    ASSERT_TRUE(cuda::LayerNormBackward(ctx(), d_dinp.get(), d_dw.get(), d_db.get(),
+                                        static_cast<const float*>(d_dout.get()),
+                                        static_cast<const float*>(d_inp.get()), d_w.get(),
+                                        d_mean.get(), d_rstd.get(), N, C)
+                    .ok());
+    ExpectAllClose("packed ln dinp", d_dinp.Download(), dinp_ref, kAtol32, kRtol32);
+    // bf16 activations (the CPU gets the same rounded inputs).
+    auto x16 = RoundToBf16(inp), g16 = RoundToBf16(dout), acc16 = RoundToBf16(dinp);
+    std::vector<float> mean16(N), rstd16(N);
+    cpu::LayerNormForward(cpu_, out.data(), mean16.data(), rstd16.data(), x16.data(), w.data(),
+                          b.data(), N, C);
+    auto ref16 = acc16, dw16 = dw, db16 = db;
+    cpu::LayerNormBackward(cpu_, ref16.data(), dw16.data(), db16.data(), g16.data(), x16.data(),
+                           w.data(), mean16.data(), rstd16.data(), N, C);
+    Bf16Buffer h_x(ToBf16Bits(x16)), h_g(ToBf16Bits(g16)), h_dinp(ToBf16Bits(acc16));
+    DeviceBuffer<float> h_mean(mean16), h_rstd(rstd16), h_dw(dw), h_db(db);
+    ASSERT_TRUE(cuda::LayerNormBackward(ctx(), AsBf16(h_dinp), h_dw.get(), h_db.get(),
+                                        static_cast<const cuda::bf16*>(AsBf16(h_g)),
+                                        static_cast<const cuda::bf16*>(AsBf16(h_x)), d_w.get(),
+                                        h_mean.get(), h_rstd.get(), N, C)
+                    .ok());
+    ExpectAllClose("packed bf16 ln dinp", Download16(h_dinp), ref16, 2e-2f, kRtol16);
+  }
+  // bf16 attention backward at T = 256 (1 pack per row): the CPU backward from the same
+  // bf16-rounded inputs and probabilities.
+  const int B = 1, T = 256, C = 64, NH = 2;
+  auto qkv = RoundToBf16(RandomVector(B * T * 3 * C, 97));
+  auto dout = RoundToBf16(RandomVector(B * T * C, 98));
+  std::vector<float> out(B * T * C), att(B * NH * T * T), datt(B * NH * T * T);
+  cpu::AttentionForward(cpu_, out.data(), att.data(), qkv.data(), B, T, C, NH);
+  att = RoundToBf16(att);
+  std::vector<float> dqkv_ref(B * T * 3 * C, 0.0f);
+  cpu::AttentionBackward(cpu_, dqkv_ref.data(), datt.data(), dout.data(), qkv.data(), att.data(), B,
+                         T, C, NH);
+  Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_dout(ToBf16Bits(dout)), d_att(ToBf16Bits(att)),
+      d_datt(B * NH * T * T), d_dqkv(ToBf16Bits(std::vector<float>(B * T * 3 * C, 0.0f)));
+  ASSERT_TRUE(cuda::AttentionBackward(ctx(), AsBf16(d_dqkv), AsBf16(d_datt),
+                                      static_cast<const cuda::bf16*>(AsBf16(d_dout)),
+                                      static_cast<const cuda::bf16*>(AsBf16(d_qkv)),
+                                      static_cast<const cuda::bf16*>(AsBf16(d_att)), B, T, C, NH)
+                  .ok());
+  ExpectAllClose("packed bf16 attention dqkv", Download16(d_dqkv), dqkv_ref, 2e-2f, 5e-2f);
+}
+
 TEST_F(GpuOpsTest, Bf16LayerNormMatmulGeluAttention) {
   const int B = 2, T = 48, C = 64, NH = 4, OC = 96;
   const int N = B * T;
