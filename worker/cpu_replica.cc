@@ -99,32 +99,37 @@ const float* CpuReplica::StatePiece(int piece) const {
   return piece == 0 ? model_->params() : piece == 1 ? m_.data() : v_.data();
 }
 
-void CpuReplica::ReadState(int64_t offset, int64_t length, float* out) const {
-  const int64_t n = model_->num_parameters();
+namespace {
+
+// Calls fn(piece, within, take, done) for each piece (params, m, v; n floats each) that the
+// logical range [offset, offset + length) covers: `take` floats from `within` in the piece,
+// which are floats [done, done + take) of the range.
+template <typename Fn>
+void ForEachStatePiece(int64_t n, int64_t offset, int64_t length, Fn fn) {
   SPOTRAIN_CHECK(offset >= 0 && length >= 0 && offset + length <= 3 * n);
-  while (length > 0) {
-    const int piece = static_cast<int>(offset / n);
-    const int64_t within = offset % n;
-    const int64_t take = std::min(length, n - within);
-    std::memcpy(out, StatePiece(piece) + within, take * sizeof(float));
-    out += take;
-    offset += take;
-    length -= take;
+  for (int64_t done = 0; done < length;) {
+    const int piece = static_cast<int>((offset + done) / n);
+    const int64_t within = (offset + done) % n;
+    const int64_t take = std::min(length - done, n - within);
+    fn(piece, within, take, done);
+    done += take;
   }
 }
 
+}  // namespace
+
+void CpuReplica::ReadState(int64_t offset, int64_t length, float* out) const {
+  ForEachStatePiece(model_->num_parameters(), offset, length,
+                    [&](int piece, int64_t within, int64_t take, int64_t done) {
+                      std::memcpy(out + done, StatePiece(piece) + within, take * sizeof(float));
+                    });
+}
+
 void CpuReplica::WriteState(int64_t offset, int64_t length, const float* in) {
-  const int64_t n = model_->num_parameters();
-  SPOTRAIN_CHECK(offset >= 0 && length >= 0 && offset + length <= 3 * n);
-  while (length > 0) {
-    const int piece = static_cast<int>(offset / n);
-    const int64_t within = offset % n;
-    const int64_t take = std::min(length, n - within);
-    std::memcpy(StatePiece(piece) + within, in, take * sizeof(float));
-    in += take;
-    offset += take;
-    length -= take;
-  }
+  ForEachStatePiece(model_->num_parameters(), offset, length,
+                    [&](int piece, int64_t within, int64_t take, int64_t done) {
+                      std::memcpy(StatePiece(piece) + within, in + done, take * sizeof(float));
+                    });
 }
 
 absl::Status CpuReplica::BroadcastState(Communicator& comm, int root) {

@@ -17,6 +17,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "worker/fixed_point.h"
 #include "worker/model.h"
+#include "worker/optimizer.h"
 
 namespace spotrain::worker {
 
@@ -142,14 +143,10 @@ absl::StatusOr<double> CudaReplica::GradSumOfSquares() { return model_->GradSumO
 absl::Status CudaReplica::ApplyAdamW(const proto::OptimizerConfig& config, int64_t t, float lr,
                                      float clip_scale) {
   RETURN_IF_ERROR(PrepareDevice());
-  kernels::cuda::AdamWParams p;
-  p.lr = lr;
-  p.beta1 = config.beta1();
-  p.beta2 = config.beta2();
-  p.eps = config.eps();
-  p.weight_decay = config.weight_decay();
-  p.grad_scale = clip_scale;
-  p.t = t;
+  // The CPU's mapping of the config, field for field into the CUDA kernel's parameters.
+  const kernels::cpu::AdamWParams c = MakeAdamWParams(config, t, lr, clip_scale);
+  const kernels::cuda::AdamWParams p{c.lr,           c.beta1,      c.beta2, c.eps,
+                                     c.weight_decay, c.grad_scale, c.t};
   host_current_ = false;
   RETURN_IF_ERROR(model_->AdamWStep(p));
   return model_->Synchronize();
