@@ -1089,6 +1089,11 @@ void Membership::FinishPreparation(Actions* actions) {
   plan.set_start_step(decision.start_step);
   *plan.mutable_state_source() = decision.source;
   plan.set_run_fingerprint(fingerprint_);
+  {
+    std::vector<uint64_t> ids;
+    for (WorkerInfo* w : members) ids.push_back(w->id);
+    DecideShrink(plan_, ids, decision, &plan);
+  }
   // Every member gets the whole Plan, so its size is paid world_size times: large groups get
   // ids and ranks only (names and addresses are informational; status has them).
   const bool compact = members.size() > kCompactPlanMembers;

@@ -45,6 +45,35 @@ StateDecision DecideStateSource(const std::vector<HeldState>& members, int64_t l
   return decision;
 }
 
+void DecideShrink(const proto::Plan& previous, const std::vector<uint64_t>& new_members,
+                  const StateDecision& decision, proto::Plan* plan) {
+  plan->clear_shrink_from_epoch();
+  plan->clear_shrink_exclude();
+  if (previous.epoch() <= 0 || new_members.empty() ||
+      static_cast<int>(new_members.size()) >= previous.members_size()) {
+    return;
+  }
+  if (decision.source.kind() != proto::StateSource::KEEP ||
+      decision.start_step <= previous.start_step()) {
+    return;
+  }
+  std::vector<bool> kept(previous.members_size(), false);
+  int last_old_rank = -1;
+  for (uint64_t id : new_members) {
+    int old_rank = -1;
+    for (const proto::Member& m : previous.members()) {
+      if (m.worker_id() == id) old_rank = m.rank();
+    }
+    if (old_rank <= last_old_rank || old_rank >= previous.members_size()) return;
+    kept[old_rank] = true;
+    last_old_rank = old_rank;
+  }
+  plan->set_shrink_from_epoch(previous.epoch());
+  for (int r = 0; r < previous.members_size(); ++r) {
+    if (!kept[r]) plan->add_shrink_exclude(r);
+  }
+}
+
 std::string StepDirectory(const std::string& checkpoint_dir, int64_t step) {
   return common::JoinPath(checkpoint_dir, absl::StrFormat("step-%08d", step));
 }

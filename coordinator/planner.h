@@ -32,6 +32,15 @@ struct StateDecision {
 StateDecision DecideStateSource(const std::vector<HeldState>& members, int64_t last_committed_step,
                                 const std::string& checkpoint_dir);
 
+// Whether the new epoch (members `new_members` by worker id, in rank order; state from
+// `decision`) can shrink the communicator of `previous` (the last epoch's Plan): only ranks
+// removed, the survivors in the same relative order, and every survivor trained in it (KEEP
+// at a step after the previous epoch's start, so each of them built its communicator and
+// completed collectives on it). Then sets plan->shrink_from_epoch and shrink_exclude (the
+// previous epoch's ranks that are gone); otherwise leaves them empty.
+void DecideShrink(const proto::Plan& previous, const std::vector<uint64_t>& new_members,
+                  const StateDecision& decision, proto::Plan* plan);
+
 // "<checkpoint_dir>/step-%08d".
 std::string StepDirectory(const std::string& checkpoint_dir, int64_t step);
 // "shard-%05d-of-%05d.bin".

@@ -57,7 +57,7 @@ class Mailbox {
           SPOTRAIN_LOG(Debug, "prepare epoch %d (%s)", prepare_.epoch,
                        prepare_.immediate ? "immediate" : "at an agreed step");
           if (prepare_.immediate && comm_ != nullptr && prepare_.epoch > comm_epoch_) {
-            comm_->Abort();
+            comm_->Interrupt();  // NCCL revokes (shrinkable), Gloo aborts
           }
         }
         break;
@@ -98,13 +98,17 @@ class Mailbox {
     return session_alive_;
   }
 
-  // The communicator an immediate Prepare or a stop must abort (null between epochs).
+  // The communicator an immediate Prepare must interrupt or a stop abort (null between
+  // epochs).
   void SetCommunicator(Communicator* comm, int64_t epoch) ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
     comm_ = comm;
     comm_epoch_ = epoch;
-    if (comm_ != nullptr && ((prepare_.immediate && prepare_.epoch > epoch) || stop_)) {
+    if (comm_ == nullptr) return;
+    if (stop_) {
       comm_->Abort();
+    } else if (prepare_.immediate && prepare_.epoch > epoch) {
+      comm_->Interrupt();
     }
   }
 
@@ -433,17 +437,24 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
   gloo_options.op_timeout = absl::Milliseconds(config_.op_timeout_ms());
   const int64_t epoch = plan.epoch();
   gloo_options.cancelled = [this, epoch] { return mailbox_.Interrupted(epoch); };
-  auto created = communicators_.Create(kv, plan.epoch(), rank, plan.world_size(), gloo_options);
+  auto created = communicators_.Create(kv, plan, rank, gloo_options);
   if (!created.ok()) {
     SendCollectiveFailed(plan.epoch(), created.status());
     return absl::OkStatus();
   }
   std::unique_ptr<Communicator> comm = *std::move(created);
   mailbox_.SetCommunicator(comm.get(), plan.epoch());
+  // At the end of the epoch: no more interrupts reach it, then the factory keeps it (an NCCL
+  // communicator may be shrunk into the next epoch) or destroys it.
   struct Unregister {
     Mailbox& mailbox;
-    ~Unregister() { mailbox.SetCommunicator(nullptr, 0); }
-  } unregister{mailbox_};
+    EpochCommunicatorFactory& factory;
+    std::unique_ptr<Communicator>& comm;
+    ~Unregister() {
+      mailbox.SetCommunicator(nullptr, 0);
+      factory.Retire(std::move(comm));
+    }
+  } unregister{mailbox_, communicators_, comm};
   const double rebuilt_ms = MsSince(prepared);
 
   // State sync as the plan says.
@@ -522,8 +533,9 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
           stats.status().code() == absl::StatusCode::kInternal) {
         return stats.status();  // diverged or overflowed: every rank would do the same
       }
-      if (!comm->status().ok() && comm->status().code() == absl::StatusCode::kAborted) {
-        return absl::OkStatus();  // a newer epoch or a stop aborted us: not a failure
+      if ((!comm->status().ok() && comm->status().code() == absl::StatusCode::kAborted) ||
+          mailbox_.Interrupted(plan.epoch())) {
+        return absl::OkStatus();  // a newer epoch or a stop interrupted us: not a failure
       }
       SendCollectiveFailed(plan.epoch(), stats.status());
       return absl::OkStatus();
@@ -537,7 +549,8 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     if (last || (config_.eval_every() > 0 && completed % config_.eval_every() == 0)) {
       auto evaluated = trainer_->Evaluate(*comm);
       if (!evaluated.ok()) {
-        if (comm->status().code() != absl::StatusCode::kAborted) {
+        if (comm->status().code() != absl::StatusCode::kAborted &&
+            !mailbox_.Interrupted(plan.epoch())) {
           SendCollectiveFailed(plan.epoch(), evaluated.status());
         }
         return absl::OkStatus();

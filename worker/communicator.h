@@ -74,6 +74,12 @@ class Communicator {
   // operation returns depends on the backend (see its header).
   virtual void Abort() = 0;
 
+  // The epoch is being replaced (an immediate Prepare): make the operation in progress, and
+  // every later one, fail fast. Any thread, like Abort(), which it is by default; a backend
+  // may instead keep what the next epoch can reuse (NCCL: revoke, so that the communicator
+  // can be shrunk). status() is then not OK, but not necessarily kAborted.
+  virtual void Interrupt() { Abort(); }
+
   // True when the buffers of the operations may be CUDA device memory (NCCL); false when they
   // must be host memory (Gloo).
   virtual bool accepts_device_memory() const { return false; }

@@ -375,7 +375,11 @@ absl::Status NcclCommunicator::Barrier() {
 }
 
 absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
-    const std::vector<int>& exclude, KeyValueClient& kv, int64_t new_epoch) {
+    const std::vector<int>& exclude, KeyValueClient& kv, int64_t new_epoch,
+    std::function<bool()> cancelled) {
+  // The new epoch's options: this communicator's, with the new epoch's cancellation.
+  NcclOptions next = options_;
+  if (cancelled) next.cancelled = std::move(cancelled);
   std::vector<int> excluded = exclude;
   std::sort(excluded.begin(), excluded.end());
   excluded.erase(std::unique(excluded.begin(), excluded.end()), excluded.end());
@@ -407,7 +411,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
   };
   absl::Time next_check = clock_->Now();
   auto peer_failed = [&]() -> bool {
-    if (options_.cancelled && options_.cancelled()) return true;
+    if (next.cancelled && next.cancelled()) return true;
     if (new_world == 1 || clock_->Now() < next_check) return false;
     next_check = clock_->Now() + absl::Milliseconds(100);
     for (int r = 0; r < new_world; ++r) {
@@ -418,7 +422,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
     return false;
   };
   std::unique_ptr<NcclCommunicator> child(
-      new NcclCommunicator(api_, new_epoch, new_rank, new_world, options_));
+      new NcclCommunicator(api_, new_epoch, new_rank, new_world, next));
   absl::Status shrunk = absl::UnavailableError("the parent communicator was aborted");
   {
     bool held;
@@ -461,7 +465,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
   if (!shrunk.ok()) {
     SPOTRAIN_LOG(Warning, "epoch %d: ncclCommShrink failed here: %s", new_epoch, shrunk.ToString());
   }
-  if (options_.cancelled && options_.cancelled()) {
+  if (next.cancelled && next.cancelled()) {
     return absl::AbortedError(absl::StrFormat("shrink into epoch %d cancelled", new_epoch));
   }
   RETURN_IF_ERROR(publish(shrunk.ok()));
@@ -469,10 +473,10 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
   // 2. Agree with the other survivors: keep the shrunk communicators only if all worked.
   bool all_ok = shrunk.ok();
   if (new_world > 1) {
-    const absl::Time deadline = clock_->Now() + options_.init_timeout;
+    const absl::Time deadline = clock_->Now() + next.init_timeout;
     for (int r = 0; r < new_world; ++r) {
       if (r == new_rank) continue;
-      auto value = WaitForKey(kv, absl::StrCat(prefix, r), deadline, options_, *clock_,
+      auto value = WaitForKey(kv, absl::StrCat(prefix, r), deadline, next, *clock_,
                               [this](absl::Duration) { Sleep().IgnoreError(); });
       if (!value.ok()) {
         if (absl::IsAborted(value.status())) return value.status();
@@ -489,9 +493,9 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Shrink(
   last_shrink_reinitialised_ = true;
   SPOTRAIN_LOG(Info, "epoch %d: a shrink failed; re-initialising NCCL with a fresh id", new_epoch);
   std::unique_ptr<NcclCommunicator> fresh(
-      new NcclCommunicator(api_, new_epoch, new_rank, new_world, options_));
+      new NcclCommunicator(api_, new_epoch, new_rank, new_world, next));
   ASSIGN_OR_RETURN(std::string id, ExchangeId(*api_, api_->mu(), kv, NcclReinitIdKey(new_epoch),
-                                              new_rank, new_world, options_, *clock_,
+                                              new_rank, new_world, next, *clock_,
                                               [this](absl::Duration) { Sleep().IgnoreError(); }));
   RETURN_IF_ERROR(fresh->Initialise(id));
   return fresh;

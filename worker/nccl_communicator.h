@@ -112,6 +112,9 @@ class NcclCommunicator : public Communicator {
   // The coordinator says a peer of this epoch is gone: the operation in progress (or the
   // next one) revokes its work and fails with kUnavailable. Any thread; idempotent.
   void MarkPeerLost();
+  // A new epoch is coming: as MarkPeerLost, so that the communicator is revoked rather than
+  // aborted and can still be shrunk into the next epoch.
+  void Interrupt() override { MarkPeerLost(); }
 
   // Builds the communicator of `new_epoch` without the ranks in `exclude` (ranks of this
   // communicator; the same list on every survivor; this rank must not be in it): revokes
@@ -119,8 +122,11 @@ class NcclCommunicator : public Communicator {
   // epoch's key-value service), aborts this one. When a shrink failed anywhere (or this
   // communicator was aborted), every survivor re-inits with a fresh id instead. This
   // communicator is unusable afterwards (kAborted). Owner thread only.
+  // `cancelled` (optional) replaces NcclOptions::cancelled for the new epoch: polled while
+  // shrinking, agreeing and re-initialising, and kept by the result.
   absl::StatusOr<std::unique_ptr<NcclCommunicator>> Shrink(const std::vector<int>& exclude,
-                                                           KeyValueClient& kv, int64_t new_epoch);
+                                                           KeyValueClient& kv, int64_t new_epoch,
+                                                           std::function<bool()> cancelled = {});
 
   // How the last Shrink built its result (for logs and tests): true when it had to re-init.
   bool last_shrink_reinitialised() const { return last_shrink_reinitialised_; }

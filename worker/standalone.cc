@@ -28,8 +28,10 @@ absl::StatusOr<RunSummary> RunStandalone(const proto::RunConfig& config, FILE* o
   GlooOptions options;
   options.interface_host = "127.0.0.1";
   EpochCommunicatorFactory communicators(device);
+  proto::Plan plan;  // one rank, epoch 0
+  plan.set_world_size(1);
   ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
-                   communicators.Create(kv, /*epoch=*/0, /*rank=*/0, /*world_size=*/1, options));
+                   communicators.Create(kv, plan, /*rank=*/0, options));
 
   RunSummary summary;
   double tokens = 0, seconds = 0;
