@@ -114,6 +114,19 @@ TEST(TrainerTest, DefaultModeReplicasAgreeWithinAWorld) {
   EXPECT_EQ(digests[0], digests[2]);
 }
 
+TEST(TrainerTest, DeviceAndPrecisionMistakesAreClearErrors) {
+  proto::RunConfig bf16 = SmallConfig(false);
+  bf16.set_precision("bf16");
+  auto on_cpu = Trainer::Create(bf16);
+  ASSERT_FALSE(on_cpu.ok());
+  EXPECT_EQ(on_cpu.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(on_cpu.status().message().find("needs a GPU"), std::string::npos) << on_cpu.status();
+  // A GPU asked for where none can be used (no CUDA in the build, or no driver / GPU here).
+  auto on_gpu = Trainer::Create(SmallConfig(false), TrainerDevice{true, 0});
+  if (on_gpu.ok()) GTEST_SKIP() << "this machine has a usable GPU";
+  EXPECT_EQ(on_gpu.status().code(), absl::StatusCode::kFailedPrecondition) << on_gpu.status();
+}
+
 TEST(TrainerTest, StateRangesRoundTripAndBroadcastCopiesState) {
   proto::RunConfig config = SmallConfig(false);
   InMemoryKeyValue kv;
