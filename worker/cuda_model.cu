@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 
@@ -88,8 +89,9 @@ struct CudaGptModel::Buffers {
   float* lnf_mean;    // [N]
   float* lnf_rstd;    // [N]
   void* proj;         // [N, C]
-  float* logits;      // [N, Vp] fp32; its memory holds dlogits (activation type) in backward
-  float* probs;       // [N, Vp]
+  float* logits;      // [N, Vp] fp32; with kFp32 its memory holds dlogits in backward
+  float* ce_stats;    // [N, 2] the softmax's max and 1/sum per row (CrossEntropyForward)
+  bf16* dlogits;      // [N, Vp] (kBf16 only: bf16 dlogits cannot overwrite fp32 logits in place)
   float* losses;      // [N]
   void* dresidual;    // [N, C]
   void* dln;          // [N, C]
@@ -166,7 +168,22 @@ absl::StatusOr<std::unique_ptr<CudaGptModel>> CudaGptModel::Create(
   ctx_options.device = options.device;
   ctx_options.deterministic = options.deterministic;
   ctx_options.allow_tf32 = options.allow_tf32;
-  ASSIGN_OR_RETURN(model->ctx_, kc::CudaContext::Create(ctx_options));
+  // Room for the attention of a whole micro-batch at once (one batched product per step).
+  const size_t attention_scratch =
+      options.precision == CudaPrecision::kBf16
+          ? kc::AttentionScratchBytes<bf16>(max_micro_batch, seq_len, config.channels())
+          : kc::AttentionScratchBytes<float>(max_micro_batch, seq_len, config.channels());
+  ctx_options.scratch_bytes = std::max(ctx_options.scratch_bytes, attention_scratch);
+  auto ctx = kc::CudaContext::Create(ctx_options);
+  if (absl::IsResourceExhausted(ctx.status())) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "CUDA model (micro-batch %d x %d tokens) needs %.2f GiB of kernel scratch memory: %s; "
+        "use a smaller micro_batch",
+        max_micro_batch, seq_len, ctx_options.scratch_bytes / 1073741824.0,
+        ctx.status().message()));
+  }
+  if (!ctx.ok()) return ctx.status();
+  model->ctx_ = std::move(ctx).value();
   RETURN_IF_ERROR(model->Allocate());
   return model;
 }
@@ -241,7 +258,8 @@ absl::Status CudaGptModel::Allocate() {
     b->lnf_rstd = cv.Take<float>(N);
     b->proj = acts(N * C);
     b->logits = cv.Take<float>(N * Vp);
-    b->probs = cv.Take<float>(N * Vp);
+    b->ce_stats = cv.Take<float>(N * 2);
+    b->dlogits = bf16_mode ? cv.Take<bf16>(N * Vp) : nullptr;
     b->losses = cv.Take<float>(N);
     b->dresidual = acts(N * C);
     b->dln = acts(N * C);
@@ -425,7 +443,7 @@ absl::Status CudaGptModel::RunForward(int B) {
   // Logits in fp32 whatever the precision: the softmax over 50k entries and the loss want it.
   const Act* lnf = act(a.lnf);
   RETURN_IF_ERROR(kc::MatmulForward(ctx, a.logits, lnf, w.wte, nullptr, Ni, C, Vp));
-  return kc::SoftmaxCrossEntropyForward(ctx, a.probs, a.losses, a.logits, a.targets, Ni, V_, Vp);
+  return kc::CrossEntropyForward(ctx, a.losses, a.ce_stats, a.logits, a.targets, Ni, V_, Vp);
 }
 
 template <typename Act>
@@ -454,10 +472,16 @@ absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
   const int64_t cc = static_cast<int64_t>(C) * C;
   const int64_t att_layer = static_cast<int64_t>(B) * NH * T * T;
 
-  // d(mean loss * grad_scale)/dlogits, written over the logits (no longer needed).
-  Act* dlogits = reinterpret_cast<Act*>(a.logits);
-  RETURN_IF_ERROR(kc::SoftmaxCrossEntropyBackward(ctx, dlogits, a.probs, a.targets,
-                                                  grad_scale / static_cast<float>(N), Ni, V_, Vp));
+  // d(mean loss * grad_scale)/dlogits; fp32 ones overwrite the logits (no longer needed).
+  Act* dlogits;
+  if constexpr (std::is_same_v<Act, bf16>) {
+    dlogits = a.dlogits;
+  } else {
+    dlogits = a.logits;
+  }
+  RETURN_IF_ERROR(kc::CrossEntropyBackward(ctx, dlogits, static_cast<const float*>(a.logits),
+                                           a.ce_stats, a.targets,
+                                           grad_scale / static_cast<float>(N), Ni, V_, Vp));
   RETURN_IF_ERROR(zero(a.dln, NC));
   RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.wte, static_cast<float*>(nullptr),
                                      static_cast<const Act*>(dlogits), cact(a.lnf), w.wte, Ni, C,

@@ -17,12 +17,7 @@ GemmPlan Make(bool trans_a, bool trans_b, int m, int n, int k, float alpha, floa
   return p;
 }
 
-float Scale(int C, int NH) { return 1.0f / std::sqrt(static_cast<float>(C / NH)); }
-
-// Offsets of batch element b's q, k, v, of its out rows and of its att block.
-int64_t QkvOffset(int b, int T, int C) { return static_cast<int64_t>(b) * T * 3 * C; }
-int64_t OutOffset(int b, int T, int C) { return static_cast<int64_t>(b) * T * C; }
-int64_t AttOffset(int b, int T, int NH) { return static_cast<int64_t>(b) * NH * T * T; }
+float Scale(int hs) { return 1.0f / std::sqrt(static_cast<float>(hs)); }
 
 }  // namespace
 
@@ -53,106 +48,58 @@ GemmPlan MatmulBackwardWeightPlan(int N, int C, int OC) {
   return p;
 }
 
-GemmPlan AttentionScoresPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: scores^T[T,T] = k[T,hs] (stored as k^T: transposed) * q^T[hs,T].
-  GemmPlan p = Make(true, false, T, T, hs, Scale(C, NH), 0.0f);
-  p.a_offset = QkvOffset(b, T, C) + C;
-  p.lda = 3 * C;
-  p.stride_a = hs;
-  p.b_offset = QkvOffset(b, T, C);
-  p.ldb = 3 * C;
-  p.stride_b = hs;
-  p.c_offset = AttOffset(b, T, NH);
-  p.ldc = T;
-  p.stride_c = static_cast<int64_t>(T) * T;
-  p.batch = NH;
+// The head-major plans: every operand is a contiguous row-major matrix per (batch element,
+// head), either [T, hs] (to cuBLAS: column-major [hs, T], ld hs) or [T, T] (ld T).
+namespace {
+struct HeadOperand {
+  int ld;
+  int64_t stride;
+};
+HeadOperand Th(int T, int hs) { return {hs, static_cast<int64_t>(T) * hs}; }
+HeadOperand Tt(int T) { return {T, static_cast<int64_t>(T) * T}; }
+
+GemmPlan HeadPlan(bool trans_a, bool trans_b, int m, int n, int k, float alpha, int BH,
+                  HeadOperand a, HeadOperand b, HeadOperand c) {
+  GemmPlan p = Make(trans_a, trans_b, m, n, k, alpha, 0.0f);
+  p.lda = a.ld;
+  p.stride_a = a.stride;
+  p.ldb = b.ld;
+  p.stride_b = b.stride;
+  p.ldc = c.ld;
+  p.stride_c = c.stride;
+  p.batch = BH;
   return p;
 }
+}  // namespace
 
-GemmPlan AttentionValuesPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: out^T[hs,T] = v^T[hs,T] * att^T[T,T].
-  GemmPlan p = Make(false, false, hs, T, T, 1.0f, 0.0f);
-  p.a_offset = QkvOffset(b, T, C) + 2 * C;
-  p.lda = 3 * C;
-  p.stride_a = hs;
-  p.b_offset = AttOffset(b, T, NH);
-  p.ldb = T;
-  p.stride_b = static_cast<int64_t>(T) * T;
-  p.c_offset = OutOffset(b, T, C);
-  p.ldc = C;
-  p.stride_c = hs;
-  p.batch = NH;
-  return p;
+GemmPlan HeadScoresPlan(int BH, int T, int hs) {
+  // att^T[T,T] = k[T,hs] (stored as k^T: transposed) * q^T[hs,T].
+  return HeadPlan(true, false, T, T, hs, Scale(hs), BH, Th(T, hs), Th(T, hs), Tt(T));
 }
 
-GemmPlan AttentionGradProbsPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: datt^T[T,T] = v[T,hs] (stored as v^T: transposed) * dout^T[hs,T].
-  GemmPlan p = Make(true, false, T, T, hs, 1.0f, 0.0f);
-  p.a_offset = QkvOffset(b, T, C) + 2 * C;
-  p.lda = 3 * C;
-  p.stride_a = hs;
-  p.b_offset = OutOffset(b, T, C);
-  p.ldb = C;
-  p.stride_b = hs;
-  p.c_offset = AttOffset(b, T, NH);
-  p.ldc = T;
-  p.stride_c = static_cast<int64_t>(T) * T;
-  p.batch = NH;
-  return p;
+GemmPlan HeadValuesPlan(int BH, int T, int hs) {
+  // y^T[hs,T] = v^T[hs,T] * att^T[T,T].
+  return HeadPlan(false, false, hs, T, T, 1.0f, BH, Th(T, hs), Tt(T), Th(T, hs));
 }
 
-GemmPlan AttentionGradValuesPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: dv^T[hs,T] += dout^T[hs,T] * att[T,T] (stored as att^T: transposed).
-  GemmPlan p = Make(false, true, hs, T, T, 1.0f, 1.0f);
-  p.a_offset = OutOffset(b, T, C);
-  p.lda = C;
-  p.stride_a = hs;
-  p.b_offset = AttOffset(b, T, NH);
-  p.ldb = T;
-  p.stride_b = static_cast<int64_t>(T) * T;
-  p.c_offset = QkvOffset(b, T, C) + 2 * C;
-  p.ldc = 3 * C;
-  p.stride_c = hs;
-  p.batch = NH;
-  return p;
+GemmPlan HeadGradProbsPlan(int BH, int T, int hs) {
+  // datt^T[T,T] = v[T,hs] (stored as v^T: transposed) * dy^T[hs,T].
+  return HeadPlan(true, false, T, T, hs, 1.0f, BH, Th(T, hs), Th(T, hs), Tt(T));
 }
 
-GemmPlan AttentionGradQueriesPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: dq^T[hs,T] += scale * k^T[hs,T] * dscores^T[T,T].
-  GemmPlan p = Make(false, false, hs, T, T, Scale(C, NH), 1.0f);
-  p.a_offset = QkvOffset(b, T, C) + C;
-  p.lda = 3 * C;
-  p.stride_a = hs;
-  p.b_offset = AttOffset(b, T, NH);
-  p.ldb = T;
-  p.stride_b = static_cast<int64_t>(T) * T;
-  p.c_offset = QkvOffset(b, T, C);
-  p.ldc = 3 * C;
-  p.stride_c = hs;
-  p.batch = NH;
-  return p;
+GemmPlan HeadGradValuesPlan(int BH, int T, int hs) {
+  // dv^T[hs,T] = dy^T[hs,T] * att[T,T] (stored as att^T: transposed).
+  return HeadPlan(false, true, hs, T, T, 1.0f, BH, Th(T, hs), Tt(T), Th(T, hs));
 }
 
-GemmPlan AttentionGradKeysPlan(int b, int T, int C, int NH) {
-  const int hs = C / NH;
-  // Per head: dk^T[hs,T] += scale * q^T[hs,T] * dscores[T,T] (stored transposed).
-  GemmPlan p = Make(false, true, hs, T, T, Scale(C, NH), 1.0f);
-  p.a_offset = QkvOffset(b, T, C);
-  p.lda = 3 * C;
-  p.stride_a = hs;
-  p.b_offset = AttOffset(b, T, NH);
-  p.ldb = T;
-  p.stride_b = static_cast<int64_t>(T) * T;
-  p.c_offset = QkvOffset(b, T, C) + C;
-  p.ldc = 3 * C;
-  p.stride_c = hs;
-  p.batch = NH;
-  return p;
+GemmPlan HeadGradQueriesPlan(int BH, int T, int hs) {
+  // dq^T[hs,T] = scale * k^T[hs,T] * dscores^T[T,T].
+  return HeadPlan(false, false, hs, T, T, Scale(hs), BH, Th(T, hs), Tt(T), Th(T, hs));
+}
+
+GemmPlan HeadGradKeysPlan(int BH, int T, int hs) {
+  // dk^T[hs,T] = scale * q^T[hs,T] * dscores[T,T] (stored transposed).
+  return HeadPlan(false, true, hs, T, T, Scale(hs), BH, Th(T, hs), Tt(T), Th(T, hs));
 }
 
 }  // namespace spotrain::kernels::cuda

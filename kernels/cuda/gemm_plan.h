@@ -1,7 +1,7 @@
 // How each matrix product of the decoder maps onto one column-major cuBLAS strided-batched
 // GEMM: operations, sizes, leading dimensions, batch strides and operand offsets. Pure
 // arithmetic with no CUDA dependency, so that the mapping (the easiest part of the GPU
-// kernels to get wrong) is checked on any machine: tests/gpu/gemm_plan_test.cc evaluates
+// kernels to get wrong) is checked on any machine: tests/unit/kernels/gemm_plan_test.cc evaluates
 // these plans with a host GEMM and compares against the CPU reference kernels.
 //
 // cuBLAS is column-major; a row-major matrix M[r][c] with row stride ld is, to cuBLAS, the
@@ -40,20 +40,59 @@ GemmPlan MatmulBackwardInputPlan(int N, int C, int OC);
 // dweight[OC,C] += dout^T inp: A = inp, B = dout, C = dweight.
 GemmPlan MatmulBackwardWeightPlan(int N, int C, int OC);
 
-// Attention for batch element b, batched over the NH heads. inp/dinp are [B,T,3C] (q|k|v),
-// out/dout [B,T,C], att/datt [B,NH,T,T], scale = 1/sqrt(C/NH).
-// att[b,h] = scale * q k^T: A = inp (k), B = inp (q), C = att.
-GemmPlan AttentionScoresPlan(int b, int T, int C, int NH);
-// out[b,:,h] = att v: A = inp (v), B = att, C = out.
-GemmPlan AttentionValuesPlan(int b, int T, int C, int NH);
-// datt = dout v^T: A = inp (v), B = dout, C = datt (overwritten).
-GemmPlan AttentionGradProbsPlan(int b, int T, int C, int NH);
-// dv += att^T dout: A = dout, B = att, C = dinp (v part).
-GemmPlan AttentionGradValuesPlan(int b, int T, int C, int NH);
-// dq += scale * dscores k: A = inp (k), B = datt (holding dscores), C = dinp (q part).
-GemmPlan AttentionGradQueriesPlan(int b, int T, int C, int NH);
-// dk += scale * dscores^T q: A = inp (q), B = datt, C = dinp (k part).
-GemmPlan AttentionGradKeysPlan(int b, int T, int C, int NH);
+// Attention runs on head-major copies of its operands, so that one strided-batched product
+// covers every (batch element, head) pair at once. The token-major tensors of the model are
+// [B, T, S, NH, hs] (S slots of C = NH * hs channels per token: S = 3 for the fused q|k|v,
+// 1 for the attention output); the head-major copy of batch elements [b0, b0 + Bc) is
+// [S][Bc, NH, T, hs], each (slot, batch element, head) a contiguous row-major [T, hs]
+// matrix. This struct is the index map between the two, used by the copy kernels on the
+// device and by the host test.
+#if defined(__CUDACC__)
+#define SPOTRAIN_HOST_DEVICE __host__ __device__
+#else
+#define SPOTRAIN_HOST_DEVICE
+#endif
+struct HeadLayout {
+  int b0 = 0;  // first batch element of the copy
+  int Bc = 0;  // batch elements in the copy
+  int T = 0, S = 0, NH = 0, hs = 0;
+
+  // Elements of the head-major copy; each slot holds slot_size() of them.
+  SPOTRAIN_HOST_DEVICE int64_t slot_size() const { return static_cast<int64_t>(Bc) * NH * T * hs; }
+  SPOTRAIN_HOST_DEVICE int64_t size() const { return slot_size() * S; }
+  // Token-major offset (from the tensor's start, batch element 0) of head-major element i.
+  SPOTRAIN_HOST_DEVICE int64_t TokenMajorIndex(int64_t i) const {
+    const int64_t d = i % hs;
+    i /= hs;
+    const int64_t t = i % T;
+    i /= T;
+    const int64_t h = i % NH;
+    i /= NH;
+    const int64_t b = i % Bc;
+    const int64_t s = i / Bc;
+    const int64_t C = static_cast<int64_t>(NH) * hs;
+    return ((b0 + b) * T + t) * S * C + s * C + h * hs + d;
+  }
+};
+#undef SPOTRAIN_HOST_DEVICE
+
+// The attention products over BH = Bc * NH head-major [T, hs] matrices (q, k, v, the output
+// y and their gradients, each from its own base pointer) and att / datt [BH, T, T] (row t =
+// query position, column j = key position). scale = 1/sqrt(hs). Gradients are overwritten
+// (beta 0): they land in head-major scratch and are added to the token-major gradient by
+// the copy back.
+// att = scale * q k^T: A = k, B = q, C = att.
+GemmPlan HeadScoresPlan(int BH, int T, int hs);
+// y = att v: A = v, B = att, C = y.
+GemmPlan HeadValuesPlan(int BH, int T, int hs);
+// datt = dy v^T: A = v, B = dy, C = datt.
+GemmPlan HeadGradProbsPlan(int BH, int T, int hs);
+// dv = att^T dy: A = dy, B = att, C = dv.
+GemmPlan HeadGradValuesPlan(int BH, int T, int hs);
+// dq = scale * dscores k: A = k, B = dscores (in datt), C = dq.
+GemmPlan HeadGradQueriesPlan(int BH, int T, int hs);
+// dk = scale * dscores^T q: A = q, B = dscores, C = dk.
+GemmPlan HeadGradKeysPlan(int BH, int T, int hs);
 
 }  // namespace spotrain::kernels::cuda
 

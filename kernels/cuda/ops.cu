@@ -148,18 +148,6 @@ __device__ X BlockSum(X v, X* shared) {
   return WarpSum(total);
 }
 
-__device__ float BlockMax(float v, float* shared) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int warps = blockDim.x / kWarp;
-  v = WarpMax(v);
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float m = lane < warps ? shared[lane] : -INFINITY;
-  return WarpMax(m);
-}
-
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for an element-wise grid-stride kernel over n elements.
@@ -689,39 +677,115 @@ __global__ void ResidualBackwardKernel(Act* da, Act* db, const Act* dout, int64_
 
 constexpr int kSoftmaxThreads = 512;
 
-__global__ void SoftmaxCrossEntropyKernel(float* probs, float* losses, const float* logits,
-                                          const int32_t* targets, int V, int Vp) {
-  __shared__ float shared[kWarp];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * Vp;
-  const float* x = logits + base;
-  float maxval = -INFINITY;
-  for (int j = threadIdx.x; j < V; j += blockDim.x) maxval = fmaxf(maxval, x[j]);
-  maxval = BlockMax(maxval, shared);
-  float sum = 0.f;
-  for (int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(x[j] - maxval);
-  sum = BlockSum(sum, shared);
-  const float inv = 1.0f / sum;
-  float* p = probs + base;
-  for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
-    p[j] = j < V ? expf(x[j] - maxval) * inv : 0.f;
-  }
-  if (threadIdx.x == 0) {
-    // -log softmax[target] without forming the (possibly tiny) probability, as the CPU.
-    losses[blockIdx.x] = logf(sum) - (x[targets[blockIdx.x]] - maxval);
+// Running (max, sum of exp(x - max)) over a set of logits: one read of the row gives both
+// (online softmax). Combine is commutative bit for bit (fmaxf, two products and one addition,
+// each rounded on its own: no fused multiply-add, which would round a * b + c once and make
+// the order matter), so an xor-butterfly leaves the same value in every lane; the fixed
+// reduction order makes the result the same on every run.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+__device__ __forceinline__ MaxSum Combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, __fadd_rn(__fmul_rn(a.sum, expf(a.max - m)), __fmul_rn(b.sum, expf(b.max - m)))};
+}
+
+__device__ __forceinline__ void Accumulate(MaxSum& acc, float x) {
+  if (x > acc.max) {
+    acc.sum = acc.sum * expf(acc.max - x) + 1.0f;
+    acc.max = x;
+  } else if (x != -INFINITY) {     // a -inf logit adds 0 (and -inf - -inf would be NaN)
+    acc.sum += expf(x - acc.max);  // NaN logits make the sum, hence the loss, NaN
   }
 }
 
+__device__ MaxSum BlockCombine(MaxSum v, MaxSum* shared) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v = Combine(v, MaxSum{__shfl_xor_sync(0xffffffffu, v.max, offset),
+                          __shfl_xor_sync(0xffffffffu, v.sum, offset)});
+  }
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : MaxSum{-INFINITY, 0.f};
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v = Combine(v, MaxSum{__shfl_xor_sync(0xffffffffu, v.max, offset),
+                          __shfl_xor_sync(0xffffffffu, v.sum, offset)});
+  }
+  return v;
+}
+
+// One block per row: one read of the logits (16-byte loads when `vec`: Vp a multiple of 4
+// and the logits 16-byte aligned), then stats = (max, 1/sum) and the loss.
+__global__ void CrossEntropyForwardKernel(float* losses, float* stats, const float* logits,
+                                          const int32_t* targets, int V, int Vp, bool vec) {
+  __shared__ MaxSum shared[kWarp];
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * Vp;
+  MaxSum acc{-INFINITY, 0.f};
+  int tail = 0;
+  if (vec) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int j = threadIdx.x; j < V / 4; j += blockDim.x) {
+      const float4 q = x4[j];
+      Accumulate(acc, q.x);
+      Accumulate(acc, q.y);
+      Accumulate(acc, q.z);
+      Accumulate(acc, q.w);
+    }
+    tail = V / 4 * 4;
+  }
+  for (int j = tail + threadIdx.x; j < V; j += blockDim.x) Accumulate(acc, x[j]);
+  acc = BlockCombine(acc, shared);
+  if (threadIdx.x == 0) {
+    stats[2 * row] = acc.max;
+    stats[2 * row + 1] = 1.0f / acc.sum;
+    // -log softmax[target] without forming the (possibly tiny) probability, as the CPU.
+    losses[row] = logf(acc.sum) - (x[targets[row]] - acc.max);
+  }
+}
+
+__device__ __forceinline__ void Store4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void Store4(bf16* p, float a, float b, float c, float d) {
+  alignas(8) bf16 v[4] = {Store<bf16>(a), Store<bf16>(b), Store<bf16>(c), Store<bf16>(d)};
+  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(v);
+}
+
+// One block per row: dlogits = (exp(x - max) / sum - onehot) * scale, padded columns 0. Each
+// element is read and then written by the same thread, so dlogits may alias fp32 logits.
+// `vec`: Vp a multiple of 4, logits 16-byte and dlogits 4-element aligned.
 template <typename Act>
-__global__ void SoftmaxCrossEntropyBackwardKernel(Act* dlogits, const float* probs,
-                                                  const int32_t* targets, float scale, int V,
-                                                  int Vp, int64_t total) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / Vp;
-    const int j = static_cast<int>(i % Vp);
-    float d = 0.f;
-    if (j < V) d = (probs[i] - (j == targets[n] ? 1.0f : 0.0f)) * scale;
-    dlogits[i] = Store<Act>(d);
+__global__ void CrossEntropyBackwardKernel(Act* dlogits, const float* logits, const float* stats,
+                                           const int32_t* targets, float scale, int V, int Vp,
+                                           bool vec) {
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * Vp;
+  Act* d = dlogits + row * Vp;
+  const float m = stats[2 * row];
+  const float inv = stats[2 * row + 1];
+  const int target = targets[row];
+  const auto grad = [&](int j, float xj) {
+    return j < V ? (expf(xj - m) * inv - (j == target ? 1.0f : 0.0f)) * scale : 0.0f;
+  };
+  if (vec) {
+    for (int j4 = threadIdx.x; j4 < Vp / 4; j4 += blockDim.x) {
+      const float4 q = reinterpret_cast<const float4*>(x)[j4];
+      const int j = j4 * 4;
+      Store4(d + j, grad(j, q.x), grad(j + 1, q.y), grad(j + 2, q.z), grad(j + 3, q.w));
+    }
+  } else {
+    for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
+      const float xj = x[j];
+      d[j] = Store<Act>(grad(j, xj));
+    }
   }
 }
 
@@ -826,6 +890,114 @@ bool PackedElementwise(CudaContext& ctx, int64_t n, std::initializer_list<const 
   PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(packs,
                                                                                              op);
   return true;
+}
+
+// ---- head-major copies (attention) ---------------------------------------------------------
+// Element p of the grid handles head-major elements [p * kN, (p + 1) * kN) of `layout`
+// (gemm_plan.h): with kN = Pack<Act>::kN (hs a whole number of packs, pointers 16-byte
+// aligned) those are contiguous on both sides and move as one 16-byte pack.
+
+template <typename Act, int kN>
+struct GatherHeadsPack {
+  Act* head;
+  const Act* token;
+  HeadLayout layout;
+  __device__ void operator()(int64_t p) const {
+    const int64_t i = p * kN;
+    const Act* src = token + layout.TokenMajorIndex(i);
+    if constexpr (kN == Pack<Act>::kN) {
+      *reinterpret_cast<uint4*>(head + i) = *reinterpret_cast<const uint4*>(src);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kN; ++k) head[i + k] = src[k];
+    }
+  }
+};
+
+// kAdd: token += head (gradients); otherwise token = head.
+template <typename Act, int kN, bool kAdd>
+struct ScatterHeadsPack {
+  Act* token;
+  const Act* head;
+  HeadLayout layout;
+  __device__ void operator()(int64_t p) const {
+    const int64_t i = p * kN;
+    Act* dst = token + layout.TokenMajorIndex(i);
+    if constexpr (kN == Pack<Act>::kN) {
+      if constexpr (kAdd) {
+        float x[kN], y[kN];
+        LoadPack(dst, x);
+        LoadPack(head + i, y);
+#pragma unroll
+        for (int k = 0; k < kN; ++k) x[k] = x[k] + y[k];
+        StorePack(dst, x);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(head + i);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        dst[k] = kAdd ? Store<Act>(Load(dst[k]) + Load(head[i + k])) : head[i + k];
+      }
+    }
+  }
+};
+
+template <template <typename, int> class Op, typename Act, typename... Args>
+absl::Status LaunchHeadCopy(CudaContext& ctx, const HeadLayout& layout, bool packed, Args... args) {
+  constexpr int kN = Pack<Act>::kN;
+  if (packed) {
+    const int64_t packs = layout.size() / kN;
+    PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(
+        packs, Op<Act, kN>{args..., layout});
+  } else {
+    PackedElementwiseKernel<<<ElementwiseBlocks(layout.size(), kThreads), kThreads, 0,
+                              ctx.stream()>>>(layout.size(), Op<Act, 1>{args..., layout});
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act, int kN>
+using ScatterStorePack = ScatterHeadsPack<Act, kN, false>;
+template <typename Act, int kN>
+using ScatterAddPack = ScatterHeadsPack<Act, kN, true>;
+
+// head <- the head-major copy of `layout` from token-major `token`.
+template <typename Act>
+absl::Status GatherHeads(CudaContext& ctx, Act* head, const Act* token, const HeadLayout& layout) {
+  const bool packed = layout.hs % Pack<Act>::kN == 0 && Aligned16(head) && Aligned16(token);
+  return LaunchHeadCopy<GatherHeadsPack, Act>(ctx, layout, packed, head, token);
+}
+
+// token <- head (kAdd false) or token += head (kAdd true), for the elements of `layout`.
+template <bool kAdd, typename Act>
+absl::Status ScatterHeads(CudaContext& ctx, Act* token, const Act* head, const HeadLayout& layout) {
+  const bool packed = layout.hs % Pack<Act>::kN == 0 && Aligned16(head) && Aligned16(token);
+  if constexpr (kAdd) {
+    return LaunchHeadCopy<ScatterAddPack, Act>(ctx, layout, packed, token, head);
+  } else {
+    return LaunchHeadCopy<ScatterStorePack, Act>(ctx, layout, packed, token, head);
+  }
+}
+
+// Matrices of [T, C] activations per batch element the attention keeps in scratch: forward
+// q, k, v and y; backward q, k, v, dy, dq, dk, dv.
+constexpr int kAttentionForwardSlots = 4;
+constexpr int kAttentionBackwardSlots = 7;
+// ScratchArena aligns every piece to 256 bytes; the attention takes at most 3 pieces.
+constexpr size_t kAttentionScratchSlack = 3 * 256;
+
+// Batch elements per head-major chunk: as many as the context's scratch holds, at least 1
+// (if even one does not fit, ScratchArena reports by how much).
+template <typename Act>
+int AttentionChunk(const CudaContext& ctx, int B, int T, int C, int slots) {
+  const size_t per_b = static_cast<size_t>(slots) * T * C * sizeof(Act);
+  const size_t avail = ctx.scratch_bytes() > kAttentionScratchSlack
+                           ? ctx.scratch_bytes() - kAttentionScratchSlack
+                           : 0;
+  const size_t fit = avail / per_b;
+  return fit < 1 ? 1 : (fit > static_cast<size_t>(B) ? B : static_cast<int>(fit));
 }
 
 }  // namespace
@@ -947,8 +1119,10 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
   return absl::OkStatus();
 }
 
-// Attention materialises the [T, T] scores per (batch, head), like the CPU reference: two
-// strided-batched products per batch element (batched over heads) around a causal softmax.
+// Attention materialises the [T, T] scores per (batch, head), like the CPU reference. It
+// runs on head-major copies of q, k, v (gemm_plan.h): per chunk of batch elements (all of
+// them when the scratch holds them: AttentionScratchBytes), one strided-batched product over
+// every (batch element, head) pair for each of the products, around a causal softmax.
 // The products cover the full square; the softmax zeroes the upper triangle.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
@@ -957,16 +1131,31 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
   if (C % NH != 0) {
     return absl::InvalidArgumentError("AttentionForward: C must be a multiple of NH");
   }
-  for (int b = 0; b < B; ++b) {
-    RETURN_IF_ERROR(Gemm(ctx, AttentionScoresPlan(b, T, C, NH), inp, inp, att));
-  }
-  const int rows = B * NH * T;
-  CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
-                        ctx.stream()>>>(att, rows, T);
-  CUDA_RETURN_IF_LAUNCH_ERROR();
-  for (int b = 0; b < B; ++b) {
+  const int hs = C / NH;
+  const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionForwardSlots);
+  ScratchArena arena(ctx);
+  Act* qkv_h = nullptr;
+  Act* y_h = nullptr;
+  RETURN_IF_ERROR(arena.Take("AttentionForward", static_cast<int64_t>(3) * chunk * T * C, &qkv_h));
+  RETURN_IF_ERROR(arena.Take("AttentionForward", static_cast<int64_t>(chunk) * T * C, &y_h));
+  for (int b0 = 0; b0 < B; b0 += chunk) {
+    const int bc = B - b0 < chunk ? B - b0 : chunk;
+    const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
+    const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
+    const int BH = bc * NH;
+    RETURN_IF_ERROR(GatherHeads(ctx, qkv_h, inp, qkv_layout));
+    const Act* q = qkv_h;
+    const Act* k = q + qkv_layout.slot_size();
+    const Act* v = k + qkv_layout.slot_size();
+    Act* att_chunk = att + static_cast<int64_t>(b0) * NH * T * T;
+    RETURN_IF_ERROR(Gemm(ctx, HeadScoresPlan(BH, T, hs), k, q, att_chunk));
+    const int rows = BH * T;
+    CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
+                          ctx.stream()>>>(att_chunk, rows, T);
+    CUDA_RETURN_IF_LAUNCH_ERROR();
     RETURN_IF_ERROR(
-        Gemm(ctx, AttentionValuesPlan(b, T, C, NH), inp, static_cast<const Act*>(att), out));
+        Gemm(ctx, HeadValuesPlan(BH, T, hs), v, static_cast<const Act*>(att_chunk), y_h));
+    RETURN_IF_ERROR(ScatterHeads</*kAdd=*/false>(ctx, out, static_cast<const Act*>(y_h), y_layout));
   }
   return absl::OkStatus();
 }
@@ -978,28 +1167,62 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   if (C % NH != 0) {
     return absl::InvalidArgumentError("AttentionBackward: C must be a multiple of NH");
   }
-  for (int b = 0; b < B; ++b) {
-    RETURN_IF_ERROR(Gemm(ctx, AttentionGradProbsPlan(b, T, C, NH), inp, dout, datt));
-    RETURN_IF_ERROR(Gemm(ctx, AttentionGradValuesPlan(b, T, C, NH), dout, att, dinp));
-  }
-  // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
-  const int rows = B * NH * T;
-  const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
-  if (PackedRow<Act>(T)) {
-    WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
-      CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>
-          <<<blocks, kThreads, 0, ctx.stream()>>>(datt, att, rows, T);
-    });
-  } else {
-    CausalSoftmaxBackwardKernel<<<blocks, kThreads, 0, ctx.stream()>>>(datt, att, rows, T);
-  }
-  CUDA_RETURN_IF_LAUNCH_ERROR();
-  const Act* dscores = datt;
-  for (int b = 0; b < B; ++b) {
-    RETURN_IF_ERROR(Gemm(ctx, AttentionGradQueriesPlan(b, T, C, NH), inp, dscores, dinp));
-    RETURN_IF_ERROR(Gemm(ctx, AttentionGradKeysPlan(b, T, C, NH), inp, dscores, dinp));
+  const int hs = C / NH;
+  const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionBackwardSlots);
+  ScratchArena arena(ctx);
+  Act* qkv_h = nullptr;
+  Act* dy_h = nullptr;
+  Act* dqkv_h = nullptr;
+  const int64_t chunk_tc = static_cast<int64_t>(chunk) * T * C;
+  RETURN_IF_ERROR(arena.Take("AttentionBackward", 3 * chunk_tc, &qkv_h));
+  RETURN_IF_ERROR(arena.Take("AttentionBackward", chunk_tc, &dy_h));
+  RETURN_IF_ERROR(arena.Take("AttentionBackward", 3 * chunk_tc, &dqkv_h));
+  for (int b0 = 0; b0 < B; b0 += chunk) {
+    const int bc = B - b0 < chunk ? B - b0 : chunk;
+    const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
+    const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
+    const int BH = bc * NH;
+    RETURN_IF_ERROR(GatherHeads(ctx, qkv_h, inp, qkv_layout));
+    RETURN_IF_ERROR(GatherHeads(ctx, dy_h, dout, y_layout));
+    const int64_t slot = qkv_layout.slot_size();
+    const Act* q = qkv_h;
+    const Act* k = q + slot;
+    const Act* v = k + slot;
+    Act* dq = dqkv_h;
+    Act* dk = dq + slot;
+    Act* dv = dk + slot;
+    const int64_t att_offset = static_cast<int64_t>(b0) * NH * T * T;
+    const Act* att_chunk = att + att_offset;
+    Act* datt_chunk = datt + att_offset;
+    const Act* dy = dy_h;
+    RETURN_IF_ERROR(Gemm(ctx, HeadGradProbsPlan(BH, T, hs), v, dy, datt_chunk));
+    RETURN_IF_ERROR(Gemm(ctx, HeadGradValuesPlan(BH, T, hs), dy, att_chunk, dv));
+    // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
+    const int rows = BH * T;
+    const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
+    if (PackedRow<Act>(T)) {
+      WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
+        CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>
+            <<<blocks, kThreads, 0, ctx.stream()>>>(datt_chunk, att_chunk, rows, T);
+      });
+    } else {
+      CausalSoftmaxBackwardKernel<<<blocks, kThreads, 0, ctx.stream()>>>(datt_chunk, att_chunk,
+                                                                         rows, T);
+    }
+    CUDA_RETURN_IF_LAUNCH_ERROR();
+    const Act* dscores = datt_chunk;
+    RETURN_IF_ERROR(Gemm(ctx, HeadGradQueriesPlan(BH, T, hs), k, dscores, dq));
+    RETURN_IF_ERROR(Gemm(ctx, HeadGradKeysPlan(BH, T, hs), q, dscores, dk));
+    RETURN_IF_ERROR(
+        ScatterHeads</*kAdd=*/true>(ctx, dinp, static_cast<const Act*>(dqkv_h), qkv_layout));
   }
   return absl::OkStatus();
+}
+
+template <typename Act>
+size_t AttentionScratchBytes(int B, int T, int C) {
+  return static_cast<size_t>(kAttentionBackwardSlots) * B * T * C * sizeof(Act) +
+         kAttentionScratchSlack;
 }
 
 template <typename Act>
@@ -1043,27 +1266,37 @@ absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dou
   return absl::OkStatus();
 }
 
-absl::Status SoftmaxCrossEntropyForward(CudaContext& ctx, float* probs, float* losses,
-                                        const float* logits, const int32_t* targets, int N, int V,
-                                        int Vp) {
-  RETURN_IF_ERROR(CheckPositive("SoftmaxCrossEntropyForward", {N, V, Vp}));
-  if (V > Vp) return absl::InvalidArgumentError("SoftmaxCrossEntropyForward: V > Vp");
-  SoftmaxCrossEntropyKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(probs, losses, logits, targets,
-                                                                     V, Vp);
+absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const float* logits,
+                                 const int32_t* targets, int N, int V, int Vp) {
+  RETURN_IF_ERROR(CheckPositive("CrossEntropyForward", {N, V, Vp}));
+  if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForward: V > Vp");
+  const bool vec = Vp % 4 == 0 && Aligned16(logits);
+  CrossEntropyForwardKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(losses, stats, logits, targets,
+                                                                     V, Vp, vec);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
 template <typename Act>
-absl::Status SoftmaxCrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* probs,
-                                         const int32_t* targets, float dloss_scale, int N, int V,
-                                         int Vp) {
-  RETURN_IF_ERROR(CheckPositive("SoftmaxCrossEntropyBackward", {N, V, Vp}));
-  if (V > Vp) return absl::InvalidArgumentError("SoftmaxCrossEntropyBackward: V > Vp");
-  const int64_t total = static_cast<int64_t>(N) * Vp;
-  SoftmaxCrossEntropyBackwardKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0,
-                                      ctx.stream()>>>(dlogits, probs, targets, dloss_scale, V, Vp,
-                                                      total);
+absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* logits,
+                                  const float* stats, const int32_t* targets, float dloss_scale,
+                                  int N, int V, int Vp) {
+  RETURN_IF_ERROR(CheckPositive("CrossEntropyBackward", {N, V, Vp}));
+  if (V > Vp) return absl::InvalidArgumentError("CrossEntropyBackward: V > Vp");
+  if constexpr (!std::is_same_v<Act, float>) {
+    const auto* d = reinterpret_cast<const char*>(dlogits);
+    const auto* l = reinterpret_cast<const char*>(logits);
+    const int64_t count = static_cast<int64_t>(N) * Vp;
+    if (d < l + count * sizeof(float) && l < d + count * sizeof(Act)) {
+      return absl::InvalidArgumentError(
+          "CrossEntropyBackward: bf16 dlogits overlap the fp32 logits (only fp32 dlogits may "
+          "be written in place)");
+    }
+  }
+  const bool vec = Vp % 4 == 0 && Aligned16(logits) &&
+                   reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(Act)) == 0;
+  CrossEntropyBackwardKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(
+      dlogits, logits, stats, targets, dloss_scale, V, Vp, vec);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1126,12 +1359,13 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
                                               int);                                                \
   template absl::Status AttentionBackward<Act>(CudaContext&, Act*, Act*, const Act*, const Act*,   \
                                                const Act*, int, int, int, int);                    \
+  template size_t AttentionScratchBytes<Act>(int, int, int);                                       \
   template absl::Status GeluForward<Act>(CudaContext&, Act*, const Act*, int64_t);                 \
   template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t);    \
   template absl::Status ResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t); \
   template absl::Status ResidualBackward<Act>(CudaContext&, Act*, Act*, const Act*, int64_t);      \
-  template absl::Status SoftmaxCrossEntropyBackward<Act>(CudaContext&, Act*, const float*,         \
-                                                         const int32_t*, float, int, int, int);
+  template absl::Status CrossEntropyBackward<Act>(CudaContext&, Act*, const float*, const float*,  \
+                                                  const int32_t*, float, int, int, int);
 
 SPOTRAIN_INSTANTIATE_ACT(float)
 SPOTRAIN_INSTANTIATE_ACT(bf16)

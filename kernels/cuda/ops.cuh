@@ -4,8 +4,9 @@
 // sequence length, C channels, NH heads, V vocab, Vp padded vocab, N = B*T rows, row-major
 // activations [N, C], linear weights [OC, C] with out = inp * weight^T + bias. Backward
 // kernels ACCUMULATE (+=) into parameter gradients and into activation gradients exactly
-// where the CPU ones do (the caller zeroes gradient buffers); SoftmaxCrossEntropyBackward
-// and the attention scratch `datt` are overwritten.
+// where the CPU ones do (the caller zeroes gradient buffers); CrossEntropyBackward's dlogits
+// and the attention scratch `datt` are overwritten. The cross-entropy pair differs from the
+// CPU's SoftmaxCrossEntropy pair in what the forward keeps (see CrossEntropyForward).
 //
 // All pointers are device pointers. Every function enqueues work on ctx.stream() and
 // returns without waiting, except SumOfSquares and Sum, which return a host value and so
@@ -34,6 +35,7 @@
 
 #include <cuda_bf16.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -86,6 +88,14 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
                                const Act* inp, const Act* att, int B, int T, int C, int NH);
+// The products of AttentionBackward land in head-major scratch in the activation type and are
+// then added to dinp, so with bf16 a non-zero dinp sees two roundings (the model's dinp is
+// zero). Both attention calls work on head-major copies of q, k, v and the output in the context's
+// scratch memory, batch elements in chunks as many as it holds (at least one: less scratch
+// than that is kResourceExhausted). With this many scratch bytes the whole batch B is one
+// chunk: every product is one strided-batched call over all B x NH heads (the fastest).
+template <typename Act>
+size_t AttentionScratchBytes(int B, int T, int C);
 
 // GELU, tanh approximation.
 template <typename Act>
@@ -101,16 +111,22 @@ absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act
 template <typename Act>
 absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dout, int64_t n);
 
-// Softmax over the first V of Vp fp32 logits per row, then cross-entropy against targets.
-// probs [N,Vp] (padded columns 0), losses [N]. Targets must lie in [0, V).
-absl::Status SoftmaxCrossEntropyForward(CudaContext& ctx, float* probs, float* losses,
-                                        const float* logits, const int32_t* targets, int N, int V,
-                                        int Vp);
-// dlogits[N,Vp] = (probs - onehot(target)) * dloss_scale (overwritten, padded columns 0).
+// Softmax cross-entropy over the first V of Vp fp32 logits per row. Unlike the CPU
+// reference's pair (which writes the probabilities [N, Vp] and reads them back: 3.3 GB each
+// way at GPT-2 124M and 16 x 1024 tokens), the forward reads the logits once and keeps two
+// floats per row, stats[2n] = max logit and stats[2n + 1] = 1 / sum exp(logit - max); the
+// backward recomputes the probabilities from the logits. Same arithmetic per element as the
+// CPU's (exp(x - max) * (1 / sum)); the sum is taken online, in another order.
+// losses [N], stats [N, 2]. Targets must lie in [0, V).
+absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const float* logits,
+                                 const int32_t* targets, int N, int V, int Vp);
+// dlogits[N,Vp] = (softmax(logits) - onehot(target)) * dloss_scale (overwritten, padded
+// columns 0), from the forward's stats. dlogits may be the logits' own memory when Act is
+// float (each element is read before it is written, by the same thread), not when bf16.
 template <typename Act>
-absl::Status SoftmaxCrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* probs,
-                                         const int32_t* targets, float dloss_scale, int N, int V,
-                                         int Vp);
+absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* logits,
+                                  const float* stats, const int32_t* targets, float dloss_scale,
+                                  int N, int V, int Vp);
 
 // Sum of squares of x in double, in a fixed order that does not depend on the GPU (a fixed
 // grid of partial sums, then one ordered final sum: no atomics). Synchronises the stream.

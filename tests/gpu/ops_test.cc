@@ -3,12 +3,16 @@
 // handling. Every test skips without a usable GPU.
 #include "kernels/cpu/ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/ops.cuh"
@@ -181,8 +185,9 @@ void AttentionCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int B, int T
   cpu::AttentionBackward(cpu_ctx, dinp_ref.data(), datt.data(), dout.data(), inp.data(), att.data(),
                          B, T, C, NH);
 
-  DeviceBuffer<float> d_inp(inp), d_out(out.size()), d_att(att.size()), d_dout(dout), d_dinp(dinp),
-      d_datt(datt.size());
+  // Old contents in the outputs: the forward must overwrite them, not add to them.
+  DeviceBuffer<float> d_inp(inp), d_out(RandomVector(out.size(), 33 + T)), d_att(att.size()),
+      d_dout(dout), d_dinp(dinp), d_datt(datt.size());
   ASSERT_TRUE(cuda::AttentionForward(ctx, d_out.get(), d_att.get(),
                                      static_cast<const float*>(d_inp.get()), B, T, C, NH)
                   .ok());
@@ -200,6 +205,30 @@ void AttentionCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int B, int T
 TEST_F(GpuOpsTest, AttentionForwardBackward) {
   AttentionCase(cpu_, ctx(), 2, 64, 64, 4);
   AttentionCase(cpu_, ctx(), 3, 37, 48, 3);  // T not a multiple of 32, hs 16
+  AttentionCase(cpu_, ctx(), 2, 19, 30, 3);  // hs 10: not whole 16-byte packs (element copies)
+}
+
+// With less scratch than the whole batch needs, the attention runs in chunks of batch
+// elements (here 3 + 2 forward, 2 + 2 + 1 backward) and gives the same results; with less
+// than one batch element needs, it says so.
+TEST_F(GpuOpsTest, AttentionInChunksWhenScratchIsSmall) {
+  cuda::CudaContextOptions options;
+  options.deterministic = true;
+  options.scratch_bytes = size_t{1} << 20;
+  auto small = cuda::CudaContext::Create(options);
+  ASSERT_TRUE(small.ok()) << small.status();
+  ASSERT_LT((*small)->scratch_bytes(), cuda::AttentionScratchBytes<float>(5, 128, 128));
+  AttentionCase(cpu_, **small, 5, 128, 128, 4);
+
+  const int B = 1, T = 256, C = 256, NH = 4;
+  ASSERT_LT((*small)->scratch_bytes(), cuda::AttentionScratchBytes<float>(B, T, C));
+  DeviceBuffer<float> inp(B * T * 3 * C), dinp(B * T * 3 * C), out(B * T * C), dout(B * T * C),
+      att(B * NH * T * T), datt(B * NH * T * T);
+  const auto status = cuda::AttentionBackward(
+      **small, dinp.get(), datt.get(), static_cast<const float*>(dout.get()),
+      static_cast<const float*>(inp.get()), static_cast<const float*>(att.get()), B, T, C, NH);
+  EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+  EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("scratch"));
 }
 
 TEST_F(GpuOpsTest, GeluAndResidual) {
@@ -229,27 +258,62 @@ TEST_F(GpuOpsTest, GeluAndResidual) {
   ExpectAllClose("residual db", d_db.Download(), db_ref, 0, 0);
 }
 
-TEST_F(GpuOpsTest, SoftmaxCrossEntropy) {
-  const int N = 70, V = 1000, Vp = 1024;
-  auto logits = RandomVector(N * Vp, 50, 8.0f);
+// The fused pair against the CPU's SoftmaxCrossEntropy pair: losses, stats (max and 1/sum
+// per row) and dlogits, with 16-byte loads (Vp a multiple of 4, V not: a scalar tail) and
+// without (Vp odd), and with dlogits written over the logits (fp32).
+void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, int V, int Vp,
+                      bool in_place, bool masked = false) {
+  SCOPED_TRACE(::testing::Message() << "N=" << N << " V=" << V << " Vp=" << Vp
+                                    << " in_place=" << in_place << " masked=" << masked);
+  auto logits = RandomVector(N * Vp, 50 + Vp, 8.0f);
   auto targets = RandomTokens(N, V, 51);
+  if (masked) {  // -inf logits (masked-out tokens) contribute 0, never NaN; not the targets
+    for (int n = 0; n < N; ++n) {
+      for (int j = n % 3; j < V; j += 3) {
+        if (j != targets[n]) logits[static_cast<size_t>(n) * Vp + j] = -INFINITY;
+      }
+    }
+  }
   std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
   const float scale = 1.0f / N;
-  cpu::SoftmaxCrossEntropyForward(cpu_, probs.data(), losses.data(), logits.data(), targets.data(),
-                                  N, V, Vp);
-  cpu::SoftmaxCrossEntropyBackward(cpu_, dlogits.data(), probs.data(), targets.data(), scale, N, V,
-                                   Vp);
-  DeviceBuffer<float> d_logits(logits), d_probs(N * Vp), d_losses(N), d_dlogits(N * Vp);
+  cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
+                                  targets.data(), N, V, Vp);
+  cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
+                                   V, Vp);
+  std::vector<float> stats(2 * N);
+  for (int n = 0; n < N; ++n) {
+    const float* x = &logits[static_cast<size_t>(n) * Vp];
+    const float mx = *std::max_element(x, x + V);
+    double sum = 0;
+    for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
+    stats[2 * n] = mx;
+    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
+  }
+  DeviceBuffer<float> d_logits(logits), d_stats(2 * N), d_losses(N), d_dlogits(N * Vp);
   DeviceBuffer<int32_t> d_targets(targets);
-  ASSERT_TRUE(cuda::SoftmaxCrossEntropyForward(ctx(), d_probs.get(), d_losses.get(), d_logits.get(),
-                                               d_targets.get(), N, V, Vp)
+  ASSERT_TRUE(cuda::CrossEntropyForward(ctx, d_losses.get(), d_stats.get(), d_logits.get(),
+                                        d_targets.get(), N, V, Vp)
                   .ok());
-  ASSERT_TRUE(cuda::SoftmaxCrossEntropyBackward(ctx(), d_dlogits.get(), d_probs.get(),
-                                                d_targets.get(), scale, N, V, Vp)
+  float* out = in_place ? d_logits.get() : d_dlogits.get();
+  ASSERT_TRUE(cuda::CrossEntropyBackward(ctx, out, static_cast<const float*>(d_logits.get()),
+                                         static_cast<const float*>(d_stats.get()), d_targets.get(),
+                                         scale, N, V, Vp)
                   .ok());
-  ExpectAllClose("probs", d_probs.Download(), probs, 1e-7f, kRtol32);
   ExpectAllClose("losses", d_losses.Download(), losses, kAtol32, kRtol32);
-  ExpectAllClose("dlogits", d_dlogits.Download(), dlogits, 1e-8f, kRtol32);
+  ExpectAllClose("stats", d_stats.Download(), stats, 0, kRtol32);
+  ExpectAllClose("dlogits", in_place ? d_logits.Download() : d_dlogits.Download(), dlogits, 1e-8f,
+                 kRtol32);
+}
+
+TEST_F(GpuOpsTest, CrossEntropy) {
+  CrossEntropyCase(cpu_, ctx(), 70, 1000, 1024, false);
+  CrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false);  // V % 4 == 1, as GPT-2's 50257
+  CrossEntropyCase(cpu_, ctx(), 17, 997, 999, false);    // Vp odd: no 16-byte loads
+  CrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, true);
+  CrossEntropyCase(cpu_, ctx(), 17, 997, 999, true);
+  CrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false, /*masked=*/true);
+  CrossEntropyCase(cpu_, ctx(), 17, 997, 999, false, /*masked=*/true);
+  CrossEntropyCase(cpu_, ctx(), 5, 50257, 50304, false);  // GPT-2's vocabulary
 }
 
 TEST_F(GpuOpsTest, SumOfSquaresAndSum) {
@@ -424,15 +488,21 @@ TEST_F(GpuOpsTest, Bf16LayerNormMatmulGeluAttention) {
   ExpectAllClose("bf16 gelu", Download16(d_gelu), gelu, kAtol16, kRtol16);
 
   // Attention forward: scores are rounded to bf16 before the softmax, so compare loosely.
-  auto qkv = RoundToBf16(RandomVector(N * 3 * C, 89));
-  std::vector<float> aout(N * C), att(B * NH * T * T);
-  cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), B, T, C, NH);
-  Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_aout(N * C), d_att(B * NH * T * T);
-  ASSERT_TRUE(cuda::AttentionForward(ctx(), AsBf16(d_aout), AsBf16(d_att),
-                                     static_cast<const cuda::bf16*>(AsBf16(d_qkv)), B, T, C, NH)
-                  .ok());
-  ExpectAllClose("bf16 attention probs", Download16(d_att), att, 4e-3f, 3e-2f);
-  ExpectAllClose("bf16 attention out", Download16(d_aout), aout, 1e-2f, 3e-2f);
+  // Channels 64 / 4 heads: hs 16, 16-byte head copies; 30 / 3: hs 10, element copies.
+  for (const int ac : {C, 30}) {
+    const int anh = ac == C ? NH : 3;
+    SCOPED_TRACE(::testing::Message() << "attention C=" << ac << " NH=" << anh);
+    auto qkv = RoundToBf16(RandomVector(N * 3 * ac, 89));
+    std::vector<float> aout(N * ac), att(B * anh * T * T);
+    cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), B, T, ac, anh);
+    Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_aout(ToBf16Bits(RandomVector(N * ac, 79))),
+        d_att(B * anh * T * T);
+    ASSERT_TRUE(cuda::AttentionForward(ctx(), AsBf16(d_aout), AsBf16(d_att),
+                                       static_cast<const cuda::bf16*>(AsBf16(d_qkv)), B, T, ac, anh)
+                    .ok());
+    ExpectAllClose("bf16 attention probs", Download16(d_att), att, 4e-3f, 3e-2f);
+    ExpectAllClose("bf16 attention out", Download16(d_aout), aout, 1e-2f, 3e-2f);
+  }
 }
 
 TEST_F(GpuOpsTest, Bf16EncoderAndCrossEntropyBackward) {
@@ -462,21 +532,38 @@ TEST_F(GpuOpsTest, Bf16EncoderAndCrossEntropyBackward) {
   ExpectAllClose("bf16 dwte", d_dwte.Download(), dwte_ref, 0, 0);
   ExpectAllClose("bf16 dwpe", d_dwpe.Download(), dwpe_ref, 0, 0);
 
+  // bf16 dlogits from fp32 logits, with (Vp 64) and without (Vp 63) 8-byte stores.
   const int N = B * T;
-  auto logits = RandomVector(N * Vp, 96, 4.0f);
-  auto targets = RandomTokens(N, V, 97);
-  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
-  cpu::SoftmaxCrossEntropyForward(cpu_, probs.data(), losses.data(), logits.data(), targets.data(),
-                                  N, V, Vp);
-  cpu::SoftmaxCrossEntropyBackward(cpu_, dlogits.data(), probs.data(), targets.data(), 0.5f, N, V,
-                                   Vp);
-  DeviceBuffer<float> d_probs(probs);
-  DeviceBuffer<int32_t> d_targets(targets);
-  Bf16Buffer d_dlogits(N * Vp);
-  ASSERT_TRUE(cuda::SoftmaxCrossEntropyBackward(ctx(), AsBf16(d_dlogits), d_probs.get(),
-                                                d_targets.get(), 0.5f, N, V, Vp)
-                  .ok());
-  ExpectAllClose("bf16 dlogits", Download16(d_dlogits), dlogits, 1e-6f, 1.0f / 256);
+  for (const auto& [cv, cvp] : {std::pair<int, int>{V, Vp}, std::pair<int, int>{41, 63}}) {
+    SCOPED_TRACE(::testing::Message() << "cross-entropy V=" << cv << " Vp=" << cvp);
+    auto logits = RandomVector(N * cvp, 96, 4.0f);
+    auto targets = RandomTokens(N, cv, 97);
+    std::vector<float> probs(N * cvp), losses(N), dlogits(N * cvp);
+    cpu::SoftmaxCrossEntropyForward(cpu_, probs.data(), losses.data(), logits.data(),
+                                    targets.data(), N, cv, cvp);
+    cpu::SoftmaxCrossEntropyBackward(cpu_, dlogits.data(), probs.data(), targets.data(), 0.5f, N,
+                                     cv, cvp);
+    DeviceBuffer<float> d_logits(logits), d_stats(2 * N), d_losses(N);
+    DeviceBuffer<int32_t> d_targets(targets);
+    Bf16Buffer d_dlogits(N * cvp);
+    ASSERT_TRUE(cuda::CrossEntropyForward(ctx(), d_losses.get(), d_stats.get(), d_logits.get(),
+                                          d_targets.get(), N, cv, cvp)
+                    .ok());
+    ASSERT_TRUE(cuda::CrossEntropyBackward(
+                    ctx(), AsBf16(d_dlogits), static_cast<const float*>(d_logits.get()),
+                    static_cast<const float*>(d_stats.get()), d_targets.get(), 0.5f, N, cv, cvp)
+                    .ok());
+    ExpectAllClose("losses", d_losses.Download(), losses, kAtol32, kRtol32);
+    ExpectAllClose("bf16 dlogits", Download16(d_dlogits), dlogits, 1e-6f, 1.0f / 256);
+  }
+  // bf16 dlogits cannot be written over the fp32 logits.
+  DeviceBuffer<float> d_logits(N * Vp), d_stats(2 * N);
+  DeviceBuffer<int32_t> d_targets(RandomTokens(N, V, 98));
+  const auto overlap = cuda::CrossEntropyBackward(
+      ctx(), reinterpret_cast<cuda::bf16*>(d_logits.get()),
+      static_cast<const float*>(d_logits.get()), static_cast<const float*>(d_stats.get()),
+      d_targets.get(), 0.5f, N, V, Vp);
+  EXPECT_EQ(overlap.code(), absl::StatusCode::kInvalidArgument) << overlap;
 }
 
 // Deterministic mode: the reductions have a fixed order, so repeating the same calls on the
@@ -542,9 +629,10 @@ TEST_F(GpuOpsTest, RejectsBadShapes) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(cuda::AttentionForward(ctx(), buf.get(), buf.get(), c, 1, 2, 6, 4).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(
-      cuda::SoftmaxCrossEntropyForward(ctx(), buf.get(), buf.get(), c, nullptr, 1, 8, 4).code(),
-      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::CrossEntropyForward(ctx(), buf.get(), buf.get(), c, nullptr, 1, 8, 4).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::CrossEntropyBackward(ctx(), buf.get(), c, c, nullptr, 1.f, 1, 8, 4).code(),
+            absl::StatusCode::kInvalidArgument);
   cuda::AdamWParams p{1e-3f, 0.9f, 0.95f, 1e-8f, 0.f, 1.f, 0};
   EXPECT_EQ(cuda::AdamWUpdate(ctx(), buf.get(), c, buf.get(), buf.get(), nullptr, 64, p).code(),
             absl::StatusCode::kInvalidArgument);

@@ -1,0 +1,198 @@
+// Checks the cuBLAS mapping of every matrix product of the CUDA kernels and the head-major
+// index map of their attention (kernels/cuda/gemm_plan.h) without a GPU: each plan is
+// evaluated by a host column-major strided-batched GEMM with cuBLAS semantics, the copies by
+// the same HeadLayout the device kernels use, and the composed results are compared with
+// the CPU reference kernels. Needs no CUDA: it runs in every build.
+#include "kernels/cuda/gemm_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/ops.h"
+#include "tests/support/host_arrays.h"
+
+namespace spotrain::kernels::cuda {
+namespace {
+
+using testing_arrays::ExpectAllClose;
+using testing_arrays::RandomVector;
+
+// cublasGemmStridedBatchedEx semantics (column-major; beta == 0 ignores C's old contents).
+void HostGemm(const GemmPlan& p, const float* a_base, const float* b_base, float* c_base) {
+  for (int i = 0; i < p.batch; ++i) {
+    const float* a = a_base + p.a_offset + i * p.stride_a;
+    const float* b = b_base + p.b_offset + i * p.stride_b;
+    float* c = c_base + p.c_offset + i * p.stride_c;
+    for (int col = 0; col < p.n; ++col) {
+      for (int row = 0; row < p.m; ++row) {
+        double sum = 0;
+        for (int l = 0; l < p.k; ++l) {
+          const float av = p.trans_a ? a[l + static_cast<int64_t>(row) * p.lda]
+                                     : a[row + static_cast<int64_t>(l) * p.lda];
+          const float bv = p.trans_b ? b[col + static_cast<int64_t>(l) * p.ldb]
+                                     : b[l + static_cast<int64_t>(col) * p.ldb];
+          sum += static_cast<double>(av) * bv;
+        }
+        float& out = c[row + static_cast<int64_t>(col) * p.ldc];
+        const double prior = p.beta == 0.0f ? 0.0 : static_cast<double>(p.beta) * out;
+        out = static_cast<float>(p.alpha * sum + prior);
+      }
+    }
+  }
+}
+
+// What CausalSoftmaxKernel computes, on one row of scores.
+void HostCausalSoftmax(float* row, int t, int T) {
+  float mx = -INFINITY;
+  for (int j = 0; j <= t; ++j) mx = std::max(mx, row[j]);
+  double sum = 0;
+  for (int j = 0; j <= t; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
+  for (int j = 0; j < T; ++j) {
+    row[j] = j <= t ? static_cast<float>(std::exp(static_cast<double>(row[j]) - mx) / sum) : 0.f;
+  }
+}
+
+// What CausalSoftmaxBackwardKernel computes, in place over drow.
+void HostCausalSoftmaxBackward(float* drow, const float* prow, int t, int T) {
+  double dot = 0;
+  for (int j = 0; j <= t; ++j) dot += static_cast<double>(prow[j]) * drow[j];
+  for (int j = 0; j < T; ++j) {
+    drow[j] = j <= t ? static_cast<float>(prow[j] * (drow[j] - dot)) : 0.f;
+  }
+}
+
+cpu::CpuContext Cpu() { return cpu::CpuContext{1}; }
+
+TEST(GemmPlanTest, MatmulForwardMatchesCpu) {
+  const int N = 37, C = 24, OC = 40;
+  auto inp = RandomVector(N * C, 1), w = RandomVector(OC * C, 2), bias = RandomVector(OC, 3);
+  std::vector<float> want(N * OC), got(N * OC, 123.f);
+  cpu::MatmulForward(Cpu(), want.data(), inp.data(), w.data(), bias.data(), N, C, OC);
+  HostGemm(MatmulForwardPlan(N, C, OC), w.data(), inp.data(), got.data());
+  for (int n = 0; n < N; ++n) {
+    for (int o = 0; o < OC; ++o) got[n * OC + o] += bias[o];
+  }
+  ExpectAllClose("out", got, want, 1e-5f, 1e-5f);
+}
+
+TEST(GemmPlanTest, MatmulBackwardMatchesCpu) {
+  const int N = 29, C = 16, OC = 44;
+  auto inp = RandomVector(N * C, 4), w = RandomVector(OC * C, 5), dout = RandomVector(N * OC, 6);
+  auto dinp = RandomVector(N * C, 7), dw = RandomVector(OC * C, 8);
+  auto dinp_want = dinp, dw_want = dw;
+  cpu::MatmulBackward(Cpu(), dinp_want.data(), dw_want.data(), nullptr, dout.data(), inp.data(),
+                      w.data(), N, C, OC);
+  HostGemm(MatmulBackwardInputPlan(N, C, OC), w.data(), dout.data(), dinp.data());
+  HostGemm(MatmulBackwardWeightPlan(N, C, OC), inp.data(), dout.data(), dw.data());
+  ExpectAllClose("dinp", dinp, dinp_want, 1e-5f, 1e-5f);
+  ExpectAllClose("dweight", dw, dw_want, 1e-5f, 1e-5f);
+}
+
+// Token-major -> head-major copy of `layout` (what the device's gather kernel does).
+std::vector<float> ToHeadMajor(const std::vector<float>& token, const HeadLayout& layout) {
+  std::vector<float> head(layout.size());
+  for (int64_t i = 0; i < layout.size(); ++i) head[i] = token[layout.TokenMajorIndex(i)];
+  return head;
+}
+
+// Head-major -> token-major: stored, or added to what is there (the gradients).
+void FromHeadMajor(const std::vector<float>& head, const HeadLayout& layout, bool accumulate,
+                   std::vector<float>* token) {
+  for (int64_t i = 0; i < layout.size(); ++i) {
+    float& dst = (*token)[layout.TokenMajorIndex(i)];
+    dst = accumulate ? dst + head[i] : head[i];
+  }
+}
+
+TEST(HeadLayoutTest, IsABijectionOntoTheChunksTokens) {
+  const int B = 5, T = 7, NH = 3, hs = 4;
+  for (int S : {1, 3}) {
+    const int64_t token_size = static_cast<int64_t>(B) * T * S * NH * hs;
+    std::vector<int> hits(token_size, 0);
+    for (int b0 = 0; b0 < B; b0 += 2) {
+      const HeadLayout layout{b0, std::min(2, B - b0), T, S, NH, hs};
+      for (int64_t i = 0; i < layout.size(); ++i) {
+        const int64_t j = layout.TokenMajorIndex(i);
+        ASSERT_GE(j, 0);
+        ASSERT_LT(j, token_size);
+        ++hits[j];
+      }
+    }
+    EXPECT_TRUE(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }))
+        << "S=" << S << ": every token-major element must be copied exactly once";
+  }
+  // Element (slot s, chunk element b, head h, position t, d) of batch element b0 + b.
+  const HeadLayout layout{2, 2, T, 3, NH, hs};
+  const int64_t s = 2, b = 1, h = 1, t = 5, d = 3;
+  const int64_t i = (((s * 2 + b) * NH + h) * T + t) * hs + d;
+  EXPECT_EQ(layout.TokenMajorIndex(i), ((2 + b) * T + t) * 3 * NH * hs + s * NH * hs + h * hs + d);
+}
+
+// Forward and backward of the attention as AttentionForward / AttentionBackward in ops.cu run
+// them: chunks of `chunk` batch elements copied to head-major form, six batched products
+// around the causal softmax, results copied back.
+class GemmPlanAttentionTest : public ::testing::TestWithParam<std::tuple<int, int, int, int, int>> {
+};
+
+TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
+  const auto [B, T, C, NH, chunk] = GetParam();
+  const int hs = C / NH;
+  auto inp = RandomVector(B * T * 3 * C, 10 + T);
+  auto dout = RandomVector(B * T * C, 11 + T);
+  auto dinp = RandomVector(B * T * 3 * C, 12 + T);
+  const size_t att_size = static_cast<size_t>(B) * NH * T * T;
+  std::vector<float> out_want(B * T * C), att_want(att_size), datt_want(att_size);
+  auto dinp_want = dinp;
+  cpu::AttentionForward(Cpu(), out_want.data(), att_want.data(), inp.data(), B, T, C, NH);
+  cpu::AttentionBackward(Cpu(), dinp_want.data(), datt_want.data(), dout.data(), inp.data(),
+                         att_want.data(), B, T, C, NH);
+
+  std::vector<float> out(B * T * C, 7.f), att(att_size, 7.f), datt(att_size, 7.f);
+  for (int b0 = 0; b0 < B; b0 += chunk) {
+    const int bc = std::min(chunk, B - b0);
+    const int BH = bc * NH;
+    const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs}, y_layout{b0, bc, T, 1, NH, hs};
+    const auto qkv = ToHeadMajor(inp, qkv_layout);
+    const float* q = qkv.data();
+    const float* k = q + qkv_layout.slot_size();
+    const float* v = k + qkv_layout.slot_size();
+    float* att_chunk = att.data() + static_cast<size_t>(b0) * NH * T * T;
+    HostGemm(HeadScoresPlan(BH, T, hs), k, q, att_chunk);
+    for (int r = 0; r < BH * T; ++r)
+      HostCausalSoftmax(&att_chunk[r * static_cast<size_t>(T)], r % T, T);
+    std::vector<float> y(y_layout.size(), 5.f);
+    HostGemm(HeadValuesPlan(BH, T, hs), v, att_chunk, y.data());
+    FromHeadMajor(y, y_layout, /*accumulate=*/false, &out);
+
+    const auto dy = ToHeadMajor(dout, y_layout);
+    float* datt_chunk = datt.data() + static_cast<size_t>(b0) * NH * T * T;
+    std::vector<float> dqkv(qkv_layout.size(), 9.f);  // beta 0: old contents must not matter
+    float* dq = dqkv.data();
+    float* dk = dq + qkv_layout.slot_size();
+    float* dv = dk + qkv_layout.slot_size();
+    HostGemm(HeadGradProbsPlan(BH, T, hs), v, dy.data(), datt_chunk);
+    HostGemm(HeadGradValuesPlan(BH, T, hs), dy.data(), att_chunk, dv);
+    for (int r = 0; r < BH * T; ++r) {
+      HostCausalSoftmaxBackward(&datt_chunk[r * static_cast<size_t>(T)],
+                                &att_chunk[r * static_cast<size_t>(T)], r % T, T);
+    }
+    HostGemm(HeadGradQueriesPlan(BH, T, hs), k, datt_chunk, dq);
+    HostGemm(HeadGradKeysPlan(BH, T, hs), q, datt_chunk, dk);
+    FromHeadMajor(dqkv, qkv_layout, /*accumulate=*/true, &dinp);
+  }
+  ExpectAllClose("att", att, att_want, 1e-6f, 1e-4f);
+  ExpectAllClose("out", out, out_want, 1e-5f, 1e-4f);
+  ExpectAllClose("dinp", dinp, dinp_want, 1e-5f, 1e-4f);
+}
+
+// (B, T, C, NH, batch elements per chunk): one chunk, several, and a short last one.
+INSTANTIATE_TEST_SUITE_P(Shapes, GemmPlanAttentionTest,
+                         ::testing::Values(std::make_tuple(2, 8, 16, 2, 2),
+                                           std::make_tuple(3, 13, 24, 3, 2),
+                                           std::make_tuple(3, 13, 24, 3, 1),
+                                           std::make_tuple(1, 33, 32, 4, 4)));
+
+}  // namespace
+}  // namespace spotrain::kernels::cuda
