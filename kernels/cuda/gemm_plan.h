@@ -13,6 +13,7 @@
 #define SPOTRAIN_KERNELS_CUDA_GEMM_PLAN_H_
 
 #include <cstdint>
+#include <vector>
 
 namespace spotrain::kernels::cuda {
 
@@ -76,23 +77,42 @@ struct HeadLayout {
 };
 #undef SPOTRAIN_HOST_DEVICE
 
+// Causal attention needs the scores of key j <= query t only, so the products run over
+// blocks of positions and skip the tiles wholly above the diagonal: queries [begin, end) need
+// keys [0, end); keys [begin, end) get gradient from queries [begin, T) only. With K equal
+// blocks that is (K + 1) / 2K of the full square (K = 4: 62.5%). Entries above the diagonal
+// inside the computed tiles are computed and then zeroed by the softmax kernels, which write
+// whole rows; entries outside them are not written by the products, and nothing reads them
+// before the softmax kernels (which read a row only up to its diagonal) overwrite them.
+struct PositionBlock {
+  int begin = 0;
+  int end = 0;
+  int size() const { return end - begin; }
+};
+// `count` blocks of [0, T) (clamped to [1, T]), sizes differing by at most one, in order.
+std::vector<PositionBlock> CausalBlocks(int T, int count);
+// The block count the kernels use for sequence length T: blocks of at least 256 positions
+// (smaller products lose more to launch and tile overheads than the skipped work saves), at
+// most 4.
+int DefaultCausalBlockCount(int T);
+
 // The attention products over BH = Bc * NH head-major [T, hs] matrices (q, k, v, the output
 // y and their gradients, each from its own base pointer) and att / datt [BH, T, T] (row t =
-// query position, column j = key position). scale = 1/sqrt(hs). Gradients are overwritten
-// (beta 0): they land in head-major scratch and are added to the token-major gradient by
-// the copy back.
-// att = scale * q k^T: A = k, B = q, C = att.
-GemmPlan HeadScoresPlan(int BH, int T, int hs);
-// y = att v: A = v, B = att, C = y.
-GemmPlan HeadValuesPlan(int BH, int T, int hs);
-// datt = dy v^T: A = v, B = dy, C = datt.
-GemmPlan HeadGradProbsPlan(int BH, int T, int hs);
-// dv = att^T dy: A = dy, B = att, C = dv.
-GemmPlan HeadGradValuesPlan(int BH, int T, int hs);
-// dq = scale * dscores k: A = k, B = dscores (in datt), C = dq.
-GemmPlan HeadGradQueriesPlan(int BH, int T, int hs);
-// dk = scale * dscores^T q: A = q, B = dscores, C = dk.
-GemmPlan HeadGradKeysPlan(int BH, int T, int hs);
+// query position, column j = key position), for one position block. scale = 1/sqrt(hs).
+// Gradients are overwritten (beta 0): they land in head-major scratch and are added to the
+// token-major gradient by the copy back.
+// att[:, q] = scale * q[q] k[:q.end]^T (query block q): A = k, B = q, C = att.
+GemmPlan HeadScoresPlan(int BH, int T, int hs, PositionBlock q);
+// y[q] = att[q, :q.end] v[:q.end]: A = v, B = att, C = y.
+GemmPlan HeadValuesPlan(int BH, int T, int hs, PositionBlock q);
+// datt[q, :q.end] = dy[q] v[:q.end]^T: A = v, B = dy, C = datt.
+GemmPlan HeadGradProbsPlan(int BH, int T, int hs, PositionBlock q);
+// dv[k] = att[k.begin:, k]^T dy[k.begin:] (key block k): A = dy, B = att, C = dv.
+GemmPlan HeadGradValuesPlan(int BH, int T, int hs, PositionBlock k);
+// dq[q] = scale * dscores[q, :q.end] k[:q.end]: A = k, B = dscores (in datt), C = dq.
+GemmPlan HeadGradQueriesPlan(int BH, int T, int hs, PositionBlock q);
+// dk[k] = scale * dscores[k.begin:, k]^T q[k.begin:]: A = q, B = dscores, C = dk.
+GemmPlan HeadGradKeysPlan(int BH, int T, int hs, PositionBlock k);
 
 }  // namespace spotrain::kernels::cuda
 

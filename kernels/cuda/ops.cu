@@ -8,6 +8,7 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
@@ -1121,9 +1122,10 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 
 // Attention materialises the [T, T] scores per (batch, head), like the CPU reference. It
 // runs on head-major copies of q, k, v (gemm_plan.h): per chunk of batch elements (all of
-// them when the scratch holds them: AttentionScratchBytes), one strided-batched product over
-// every (batch element, head) pair for each of the products, around a causal softmax.
-// The products cover the full square; the softmax zeroes the upper triangle.
+// them when the scratch holds them: AttentionScratchBytes), strided-batched products over
+// every (batch element, head) pair, around a causal softmax. The products skip the tiles
+// above the diagonal by position blocks (CausalBlocks); the softmax zeroes the rest of the
+// upper triangle.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH) {
@@ -1133,6 +1135,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
   }
   const int hs = C / NH;
   const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionForwardSlots);
+  const std::vector<PositionBlock> causal = CausalBlocks(T, DefaultCausalBlockCount(T));
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* y_h = nullptr;
@@ -1148,13 +1151,17 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
     const Act* k = q + qkv_layout.slot_size();
     const Act* v = k + qkv_layout.slot_size();
     Act* att_chunk = att + static_cast<int64_t>(b0) * NH * T * T;
-    RETURN_IF_ERROR(Gemm(ctx, HeadScoresPlan(BH, T, hs), k, q, att_chunk));
+    for (const PositionBlock& blk : causal) {
+      RETURN_IF_ERROR(Gemm(ctx, HeadScoresPlan(BH, T, hs, blk), k, q, att_chunk));
+    }
     const int rows = BH * T;
     CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
                           ctx.stream()>>>(att_chunk, rows, T);
     CUDA_RETURN_IF_LAUNCH_ERROR();
-    RETURN_IF_ERROR(
-        Gemm(ctx, HeadValuesPlan(BH, T, hs), v, static_cast<const Act*>(att_chunk), y_h));
+    for (const PositionBlock& blk : causal) {
+      RETURN_IF_ERROR(
+          Gemm(ctx, HeadValuesPlan(BH, T, hs, blk), v, static_cast<const Act*>(att_chunk), y_h));
+    }
     RETURN_IF_ERROR(ScatterHeads</*kAdd=*/false>(ctx, out, static_cast<const Act*>(y_h), y_layout));
   }
   return absl::OkStatus();
@@ -1169,6 +1176,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   }
   const int hs = C / NH;
   const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionBackwardSlots);
+  const std::vector<PositionBlock> causal = CausalBlocks(T, DefaultCausalBlockCount(T));
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* dy_h = nullptr;
@@ -1195,8 +1203,10 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
     const Act* att_chunk = att + att_offset;
     Act* datt_chunk = datt + att_offset;
     const Act* dy = dy_h;
-    RETURN_IF_ERROR(Gemm(ctx, HeadGradProbsPlan(BH, T, hs), v, dy, datt_chunk));
-    RETURN_IF_ERROR(Gemm(ctx, HeadGradValuesPlan(BH, T, hs), dy, att_chunk, dv));
+    for (const PositionBlock& blk : causal) {
+      RETURN_IF_ERROR(Gemm(ctx, HeadGradProbsPlan(BH, T, hs, blk), v, dy, datt_chunk));
+      RETURN_IF_ERROR(Gemm(ctx, HeadGradValuesPlan(BH, T, hs, blk), dy, att_chunk, dv));
+    }
     // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
     const int rows = BH * T;
     const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
@@ -1211,8 +1221,10 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     const Act* dscores = datt_chunk;
-    RETURN_IF_ERROR(Gemm(ctx, HeadGradQueriesPlan(BH, T, hs), k, dscores, dq));
-    RETURN_IF_ERROR(Gemm(ctx, HeadGradKeysPlan(BH, T, hs), q, dscores, dk));
+    for (const PositionBlock& blk : causal) {
+      RETURN_IF_ERROR(Gemm(ctx, HeadGradQueriesPlan(BH, T, hs, blk), k, dscores, dq));
+      RETURN_IF_ERROR(Gemm(ctx, HeadGradKeysPlan(BH, T, hs, blk), q, dscores, dk));
+    }
     RETURN_IF_ERROR(
         ScatterHeads</*kAdd=*/true>(ctx, dinp, static_cast<const Act*>(dqkv_h), qkv_layout));
   }

@@ -206,6 +206,9 @@ TEST_F(GpuOpsTest, AttentionForwardBackward) {
   AttentionCase(cpu_, ctx(), 2, 64, 64, 4);
   AttentionCase(cpu_, ctx(), 3, 37, 48, 3);  // T not a multiple of 32, hs 16
   AttentionCase(cpu_, ctx(), 2, 19, 30, 3);  // hs 10: not whole 16-byte packs (element copies)
+  // Products by causal position blocks (kernels/cuda/gemm_plan.h DefaultCausalBlockCount).
+  AttentionCase(cpu_, ctx(), 1, 512, 64, 2);   // 2 blocks
+  AttentionCase(cpu_, ctx(), 1, 1024, 32, 2);  // 4 blocks, GPT-2's T
 }
 
 // With less scratch than the whole batch needs, the attention runs in chunks of batch

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -131,14 +132,15 @@ TEST(HeadLayoutTest, IsABijectionOntoTheChunksTokens) {
 }
 
 // Forward and backward of the attention as AttentionForward / AttentionBackward in ops.cu run
-// them: chunks of `chunk` batch elements copied to head-major form, six batched products
-// around the causal softmax, results copied back.
-class GemmPlanAttentionTest : public ::testing::TestWithParam<std::tuple<int, int, int, int, int>> {
-};
+// them: chunks of `chunk` batch elements copied to head-major form, the six batched products
+// by causal position blocks around the causal softmax, results copied back.
+class GemmPlanAttentionTest
+    : public ::testing::TestWithParam<std::tuple<int, int, int, int, int, int>> {};
 
 TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
-  const auto [B, T, C, NH, chunk] = GetParam();
+  const auto [B, T, C, NH, chunk, block_count] = GetParam();
   const int hs = C / NH;
+  const std::vector<PositionBlock> blocks = CausalBlocks(T, block_count);
   auto inp = RandomVector(B * T * 3 * C, 10 + T);
   auto dout = RandomVector(B * T * C, 11 + T);
   auto dinp = RandomVector(B * T * 3 * C, 12 + T);
@@ -149,7 +151,10 @@ TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
   cpu::AttentionBackward(Cpu(), dinp_want.data(), datt_want.data(), dout.data(), inp.data(),
                          att_want.data(), B, T, C, NH);
 
-  std::vector<float> out(B * T * C, 7.f), att(att_size, 7.f), datt(att_size, 7.f);
+  // Scores, their gradients and the head-major results start as NaN: an entry a product
+  // should have written but did not, or one read before anything wrote it, shows.
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> out(B * T * C, 7.f), att(att_size, kNaN), datt(att_size, kNaN);
   for (int b0 = 0; b0 < B; b0 += chunk) {
     const int bc = std::min(chunk, B - b0);
     const int BH = bc * NH;
@@ -159,27 +164,36 @@ TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
     const float* k = q + qkv_layout.slot_size();
     const float* v = k + qkv_layout.slot_size();
     float* att_chunk = att.data() + static_cast<size_t>(b0) * NH * T * T;
-    HostGemm(HeadScoresPlan(BH, T, hs), k, q, att_chunk);
-    for (int r = 0; r < BH * T; ++r)
+    for (const PositionBlock& blk : blocks) {
+      HostGemm(HeadScoresPlan(BH, T, hs, blk), k, q, att_chunk);
+    }
+    for (int r = 0; r < BH * T; ++r) {
       HostCausalSoftmax(&att_chunk[r * static_cast<size_t>(T)], r % T, T);
-    std::vector<float> y(y_layout.size(), 5.f);
-    HostGemm(HeadValuesPlan(BH, T, hs), v, att_chunk, y.data());
+    }
+    std::vector<float> y(y_layout.size(), kNaN);
+    for (const PositionBlock& blk : blocks) {
+      HostGemm(HeadValuesPlan(BH, T, hs, blk), v, att_chunk, y.data());
+    }
     FromHeadMajor(y, y_layout, /*accumulate=*/false, &out);
 
     const auto dy = ToHeadMajor(dout, y_layout);
     float* datt_chunk = datt.data() + static_cast<size_t>(b0) * NH * T * T;
-    std::vector<float> dqkv(qkv_layout.size(), 9.f);  // beta 0: old contents must not matter
+    std::vector<float> dqkv(qkv_layout.size(), kNaN);  // beta 0: old contents must not matter
     float* dq = dqkv.data();
     float* dk = dq + qkv_layout.slot_size();
     float* dv = dk + qkv_layout.slot_size();
-    HostGemm(HeadGradProbsPlan(BH, T, hs), v, dy.data(), datt_chunk);
-    HostGemm(HeadGradValuesPlan(BH, T, hs), dy.data(), att_chunk, dv);
+    for (const PositionBlock& blk : blocks) {
+      HostGemm(HeadGradProbsPlan(BH, T, hs, blk), v, dy.data(), datt_chunk);
+      HostGemm(HeadGradValuesPlan(BH, T, hs, blk), dy.data(), att_chunk, dv);
+    }
     for (int r = 0; r < BH * T; ++r) {
       HostCausalSoftmaxBackward(&datt_chunk[r * static_cast<size_t>(T)],
                                 &att_chunk[r * static_cast<size_t>(T)], r % T, T);
     }
-    HostGemm(HeadGradQueriesPlan(BH, T, hs), k, datt_chunk, dq);
-    HostGemm(HeadGradKeysPlan(BH, T, hs), q, datt_chunk, dk);
+    for (const PositionBlock& blk : blocks) {
+      HostGemm(HeadGradQueriesPlan(BH, T, hs, blk), k, datt_chunk, dq);
+      HostGemm(HeadGradKeysPlan(BH, T, hs, blk), q, datt_chunk, dk);
+    }
     FromHeadMajor(dqkv, qkv_layout, /*accumulate=*/true, &dinp);
   }
   ExpectAllClose("att", att, att_want, 1e-6f, 1e-4f);
@@ -187,12 +201,35 @@ TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
   ExpectAllClose("dinp", dinp, dinp_want, 1e-5f, 1e-4f);
 }
 
-// (B, T, C, NH, batch elements per chunk): one chunk, several, and a short last one.
+// (B, T, C, NH, batch elements per chunk, causal blocks): one chunk, several, and a short
+// last one; one position block (the full square), several, uneven ones, one per position.
 INSTANTIATE_TEST_SUITE_P(Shapes, GemmPlanAttentionTest,
-                         ::testing::Values(std::make_tuple(2, 8, 16, 2, 2),
-                                           std::make_tuple(3, 13, 24, 3, 2),
-                                           std::make_tuple(3, 13, 24, 3, 1),
-                                           std::make_tuple(1, 33, 32, 4, 4)));
+                         ::testing::Values(std::make_tuple(2, 8, 16, 2, 2, 1),
+                                           std::make_tuple(2, 8, 16, 2, 2, 4),
+                                           std::make_tuple(3, 13, 24, 3, 2, 3),
+                                           std::make_tuple(3, 13, 24, 3, 1, 13),
+                                           std::make_tuple(1, 33, 32, 4, 4, 4)));
+
+TEST(CausalBlocksTest, CoverThePositionsInOrder) {
+  for (const int T : {1, 7, 256, 1000, 1024}) {
+    for (const int count : {1, 3, 4, 2000}) {
+      const auto blocks = CausalBlocks(T, count);
+      ASSERT_EQ(static_cast<int>(blocks.size()), std::min(count, T));
+      int next = 0;
+      for (const PositionBlock& b : blocks) {
+        EXPECT_EQ(b.begin, next);
+        EXPECT_GT(b.size(), 0);
+        EXPECT_LE(b.size(), (T + count - 1) / count);
+        next = b.end;
+      }
+      EXPECT_EQ(next, T);
+    }
+  }
+  EXPECT_EQ(DefaultCausalBlockCount(64), 1);
+  EXPECT_EQ(DefaultCausalBlockCount(512), 2);
+  EXPECT_EQ(DefaultCausalBlockCount(1024), 4);
+  EXPECT_EQ(DefaultCausalBlockCount(8192), 4);
+}
 
 }  // namespace
 }  // namespace spotrain::kernels::cuda
