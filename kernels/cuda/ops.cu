@@ -898,88 +898,59 @@ bool PackedElementwise(CudaContext& ctx, int64_t n, std::initializer_list<const 
 // (gemm_plan.h): with kN = Pack<Act>::kN (hs a whole number of packs, pointers 16-byte
 // aligned) those are contiguous on both sides and move as one 16-byte pack.
 
-template <typename Act, int kN>
-struct GatherHeadsPack {
-  Act* head;
-  const Act* token;
-  HeadLayout layout;
-  __device__ void operator()(int64_t p) const {
-    const int64_t i = p * kN;
-    const Act* src = token + layout.TokenMajorIndex(i);
-    if constexpr (kN == Pack<Act>::kN) {
-      *reinterpret_cast<uint4*>(head + i) = *reinterpret_cast<const uint4*>(src);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kN; ++k) head[i + k] = src[k];
-    }
-  }
+enum class HeadCopy {
+  kGather,      // head-major copy <- token-major tensor
+  kScatter,     // token-major tensor <- head-major copy
+  kScatterAdd,  // token-major tensor += head-major copy (gradients)
 };
 
-// kAdd: token += head (gradients); otherwise token = head.
-template <typename Act, int kN, bool kAdd>
-struct ScatterHeadsPack {
-  Act* token;
-  const Act* head;
+template <typename Act, int kN, HeadCopy kMode>
+struct HeadCopyPack {
+  Act* dst;
+  const Act* src;
   HeadLayout layout;
   __device__ void operator()(int64_t p) const {
-    const int64_t i = p * kN;
-    Act* dst = token + layout.TokenMajorIndex(i);
-    if constexpr (kN == Pack<Act>::kN) {
-      if constexpr (kAdd) {
+    const int64_t head = p * kN;
+    const int64_t token = layout.TokenMajorIndex(head);
+    Act* d = dst + (kMode == HeadCopy::kGather ? head : token);
+    const Act* s = src + (kMode == HeadCopy::kGather ? token : head);
+    if constexpr (kMode == HeadCopy::kScatterAdd) {
+      if constexpr (kN == Pack<Act>::kN) {
         float x[kN], y[kN];
-        LoadPack(dst, x);
-        LoadPack(head + i, y);
+        LoadPack(d, x);
+        LoadPack(s, y);
 #pragma unroll
         for (int k = 0; k < kN; ++k) x[k] = x[k] + y[k];
-        StorePack(dst, x);
+        StorePack(d, x);
       } else {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(head + i);
+#pragma unroll
+        for (int k = 0; k < kN; ++k) d[k] = Store<Act>(Load(d[k]) + Load(s[k]));
       }
+    } else if constexpr (kN == Pack<Act>::kN) {
+      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(s);
     } else {
 #pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        dst[k] = kAdd ? Store<Act>(Load(dst[k]) + Load(head[i + k])) : head[i + k];
-      }
+      for (int k = 0; k < kN; ++k) d[k] = s[k];
     }
   }
 };
 
-template <template <typename, int> class Op, typename Act, typename... Args>
-absl::Status LaunchHeadCopy(CudaContext& ctx, const HeadLayout& layout, bool packed, Args... args) {
+// Copies the elements of `layout` between a token-major tensor and its head-major copy, in
+// 16-byte packs when hs is a whole number of packs and both pointers are 16-byte aligned.
+template <HeadCopy kMode, typename Act>
+absl::Status CopyHeads(CudaContext& ctx, Act* dst, const Act* src, const HeadLayout& layout) {
   constexpr int kN = Pack<Act>::kN;
-  if (packed) {
+  if (layout.hs % kN == 0 && Aligned16(dst) && Aligned16(src)) {
     const int64_t packs = layout.size() / kN;
     PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(
-        packs, Op<Act, kN>{args..., layout});
+        packs, HeadCopyPack<Act, kN, kMode>{dst, src, layout});
   } else {
     PackedElementwiseKernel<<<ElementwiseBlocks(layout.size(), kThreads), kThreads, 0,
-                              ctx.stream()>>>(layout.size(), Op<Act, 1>{args..., layout});
+                              ctx.stream()>>>(layout.size(),
+                                              HeadCopyPack<Act, 1, kMode>{dst, src, layout});
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
-}
-
-template <typename Act, int kN>
-using ScatterStorePack = ScatterHeadsPack<Act, kN, false>;
-template <typename Act, int kN>
-using ScatterAddPack = ScatterHeadsPack<Act, kN, true>;
-
-// head <- the head-major copy of `layout` from token-major `token`.
-template <typename Act>
-absl::Status GatherHeads(CudaContext& ctx, Act* head, const Act* token, const HeadLayout& layout) {
-  const bool packed = layout.hs % Pack<Act>::kN == 0 && Aligned16(head) && Aligned16(token);
-  return LaunchHeadCopy<GatherHeadsPack, Act>(ctx, layout, packed, head, token);
-}
-
-// token <- head (kAdd false) or token += head (kAdd true), for the elements of `layout`.
-template <bool kAdd, typename Act>
-absl::Status ScatterHeads(CudaContext& ctx, Act* token, const Act* head, const HeadLayout& layout) {
-  const bool packed = layout.hs % Pack<Act>::kN == 0 && Aligned16(head) && Aligned16(token);
-  if constexpr (kAdd) {
-    return LaunchHeadCopy<ScatterAddPack, Act>(ctx, layout, packed, token, head);
-  } else {
-    return LaunchHeadCopy<ScatterStorePack, Act>(ctx, layout, packed, token, head);
-  }
 }
 
 // Matrices of [T, C] activations per batch element the attention keeps in scratch: forward
@@ -999,6 +970,24 @@ int AttentionChunk(const CudaContext& ctx, int B, int T, int C, int slots) {
                            : 0;
   const size_t fit = avail / per_b;
   return fit < 1 ? 1 : (fit > static_cast<size_t>(B) ? B : static_cast<int>(fit));
+}
+
+// What both attention calls derive from the shapes: head size, batch elements per chunk, and
+// the causal position blocks of the products. kInvalidArgument for bad shapes.
+struct AttentionSetup {
+  int hs;
+  int chunk;
+  std::vector<PositionBlock> causal;
+};
+template <typename Act>
+absl::StatusOr<AttentionSetup> SetUpAttention(const CudaContext& ctx, const char* op, int B, int T,
+                                              int C, int NH, int slots) {
+  RETURN_IF_ERROR(CheckPositive(op, {B, T, C, NH}));
+  if (C % NH != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: C must be a multiple of NH", op));
+  }
+  return AttentionSetup{C / NH, AttentionChunk<Act>(ctx, B, T, C, slots),
+                        CausalBlocks(T, DefaultCausalBlockCount(T))};
 }
 
 }  // namespace
@@ -1129,13 +1118,10 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH) {
-  RETURN_IF_ERROR(CheckPositive("AttentionForward", {B, T, C, NH}));
-  if (C % NH != 0) {
-    return absl::InvalidArgumentError("AttentionForward: C must be a multiple of NH");
-  }
-  const int hs = C / NH;
-  const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionForwardSlots);
-  const std::vector<PositionBlock> causal = CausalBlocks(T, DefaultCausalBlockCount(T));
+  ASSIGN_OR_RETURN(const AttentionSetup setup, SetUpAttention<Act>(ctx, "AttentionForward", B, T, C,
+                                                                   NH, kAttentionForwardSlots));
+  const int hs = setup.hs, chunk = setup.chunk;
+  const std::vector<PositionBlock>& causal = setup.causal;
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* y_h = nullptr;
@@ -1146,7 +1132,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
     const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
     const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
     const int BH = bc * NH;
-    RETURN_IF_ERROR(GatherHeads(ctx, qkv_h, inp, qkv_layout));
+    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
     const Act* q = qkv_h;
     const Act* k = q + qkv_layout.slot_size();
     const Act* v = k + qkv_layout.slot_size();
@@ -1162,7 +1148,8 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
       RETURN_IF_ERROR(
           Gemm(ctx, HeadValuesPlan(BH, T, hs, blk), v, static_cast<const Act*>(att_chunk), y_h));
     }
-    RETURN_IF_ERROR(ScatterHeads</*kAdd=*/false>(ctx, out, static_cast<const Act*>(y_h), y_layout));
+    RETURN_IF_ERROR(
+        CopyHeads<HeadCopy::kScatter>(ctx, out, static_cast<const Act*>(y_h), y_layout));
   }
   return absl::OkStatus();
 }
@@ -1170,13 +1157,10 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
                                const Act* inp, const Act* att, int B, int T, int C, int NH) {
-  RETURN_IF_ERROR(CheckPositive("AttentionBackward", {B, T, C, NH}));
-  if (C % NH != 0) {
-    return absl::InvalidArgumentError("AttentionBackward: C must be a multiple of NH");
-  }
-  const int hs = C / NH;
-  const int chunk = AttentionChunk<Act>(ctx, B, T, C, kAttentionBackwardSlots);
-  const std::vector<PositionBlock> causal = CausalBlocks(T, DefaultCausalBlockCount(T));
+  ASSIGN_OR_RETURN(const AttentionSetup setup, SetUpAttention<Act>(ctx, "AttentionBackward", B, T,
+                                                                   C, NH, kAttentionBackwardSlots));
+  const int hs = setup.hs, chunk = setup.chunk;
+  const std::vector<PositionBlock>& causal = setup.causal;
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* dy_h = nullptr;
@@ -1190,8 +1174,8 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
     const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
     const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
     const int BH = bc * NH;
-    RETURN_IF_ERROR(GatherHeads(ctx, qkv_h, inp, qkv_layout));
-    RETURN_IF_ERROR(GatherHeads(ctx, dy_h, dout, y_layout));
+    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
+    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, dy_h, dout, y_layout));
     const int64_t slot = qkv_layout.slot_size();
     const Act* q = qkv_h;
     const Act* k = q + slot;
@@ -1226,7 +1210,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
       RETURN_IF_ERROR(Gemm(ctx, HeadGradKeysPlan(BH, T, hs, blk), q, dscores, dk));
     }
     RETURN_IF_ERROR(
-        ScatterHeads</*kAdd=*/true>(ctx, dinp, static_cast<const Act*>(dqkv_h), qkv_layout));
+        CopyHeads<HeadCopy::kScatterAdd>(ctx, dinp, static_cast<const Act*>(dqkv_h), qkv_layout));
   }
   return absl::OkStatus();
 }
