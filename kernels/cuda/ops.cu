@@ -488,6 +488,55 @@ __global__ void CausalSoftmaxKernel(Act* att, int rows, int T) {
   }
 }
 
+// CausalSoftmaxKernel for rows of T = packs x 32 x Pack::kN: the row up to the diagonal is
+// read once, with 16-byte loads, and kept in registers (the loop version reads it three
+// times); packs wholly above the diagonal are not read, only zeroed. Same arithmetic per
+// element (exp(x - max) * (1 / sum)); the sum is taken in another fixed order.
+template <typename Act, int kPacks>
+__global__ void CausalSoftmaxPackedKernel(Act* att, int rows, int T) {
+  constexpr int kN = Pack<Act>::kN;
+  const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;
+  const int t = row % T;
+  Act* a = att + static_cast<int64_t>(row) * T;
+  float x[kPacks][kN];
+  float maxval = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int j0 = (p * kWarp + lane) * kN;
+    if (j0 <= t) {
+      LoadPack(a + j0, x[p]);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (j0 + k <= t) maxval = fmaxf(maxval, x[p][k]);
+      }
+    }
+  }
+  maxval = WarpMax(maxval);
+  float sum = 0.f;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int j0 = (p * kWarp + lane) * kN;
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      if (j0 + k <= t) {
+        x[p][k] = expf(x[p][k] - maxval);
+        sum += x[p][k];
+      }
+    }
+  }
+  const float inv = 1.0f / WarpSum(sum);
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int j0 = (p * kWarp + lane) * kN;
+    float y[kN];
+#pragma unroll
+    for (int k = 0; k < kN; ++k) y[k] = j0 + k <= t ? x[p][k] * inv : 0.f;
+    StorePack(a + j0, y);
+  }
+}
+
 // One warp per row: datt <- att * (datt - sum_j att_j datt_j) below the diagonal, 0 above.
 template <typename Act>
 __global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows, int T) {
@@ -1141,8 +1190,15 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
       RETURN_IF_ERROR(Gemm(ctx, HeadScoresPlan(BH, T, hs, blk), k, q, att_chunk));
     }
     const int rows = BH * T;
-    CausalSoftmaxKernel<<<static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock)), kThreads, 0,
-                          ctx.stream()>>>(att_chunk, rows, T);
+    const auto row_blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
+    if (PackedRow<Act>(T)) {
+      WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
+        CausalSoftmaxPackedKernel<Act, decltype(packs)::value>
+            <<<row_blocks, kThreads, 0, ctx.stream()>>>(att_chunk, rows, T);
+      });
+    } else {
+      CausalSoftmaxKernel<<<row_blocks, kThreads, 0, ctx.stream()>>>(att_chunk, rows, T);
+    }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     for (const PositionBlock& blk : causal) {
       RETURN_IF_ERROR(

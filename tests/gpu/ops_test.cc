@@ -491,17 +491,23 @@ TEST_F(GpuOpsTest, Bf16LayerNormMatmulGeluAttention) {
   ExpectAllClose("bf16 gelu", Download16(d_gelu), gelu, kAtol16, kRtol16);
 
   // Attention forward: scores are rounded to bf16 before the softmax, so compare loosely.
-  // Channels 64 / 4 heads: hs 16, 16-byte head copies; 30 / 3: hs 10, element copies.
-  for (const int ac : {C, 30}) {
-    const int anh = ac == C ? NH : 3;
-    SCOPED_TRACE(::testing::Message() << "attention C=" << ac << " NH=" << anh);
-    auto qkv = RoundToBf16(RandomVector(N * 3 * ac, 89));
-    std::vector<float> aout(N * ac), att(B * anh * T * T);
-    cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), B, T, ac, anh);
-    Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_aout(ToBf16Bits(RandomVector(N * ac, 79))),
-        d_att(B * anh * T * T);
+  // hs 16: 16-byte head copies; hs 10: element copies; T 512: packed softmax rows and two
+  // causal position blocks.
+  struct Shape {
+    int B, T, C, NH;
+  };
+  for (const Shape& a : {Shape{B, T, C, NH}, Shape{B, T, 30, 3}, Shape{1, 512, 64, 4}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "attention B=" << a.B << " T=" << a.T << " C=" << a.C << " NH=" << a.NH);
+    const int an = a.B * a.T;
+    auto qkv = RoundToBf16(RandomVector(an * 3 * a.C, 89));
+    std::vector<float> aout(an * a.C), att(a.B * a.NH * a.T * a.T);
+    cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), a.B, a.T, a.C, a.NH);
+    Bf16Buffer d_qkv(ToBf16Bits(qkv)), d_aout(ToBf16Bits(RandomVector(an * a.C, 79))),
+        d_att(att.size());
     ASSERT_TRUE(cuda::AttentionForward(ctx(), AsBf16(d_aout), AsBf16(d_att),
-                                       static_cast<const cuda::bf16*>(AsBf16(d_qkv)), B, T, ac, anh)
+                                       static_cast<const cuda::bf16*>(AsBf16(d_qkv)), a.B, a.T, a.C,
+                                       a.NH)
                     .ok());
     ExpectAllClose("bf16 attention probs", Download16(d_att), att, 4e-3f, 3e-2f);
     ExpectAllClose("bf16 attention out", Download16(d_aout), aout, 1e-2f, 3e-2f);
