@@ -608,12 +608,14 @@ TEST(GlooCommunicatorTest, AbortFromAnotherThreadUnblocksAWaitingAllReduce) {
   GlooOptions options = TestOptions();
   options.op_timeout = absl::Seconds(60);
   InMemoryKeyValue kv;
-  absl::Notification rank0_done;
+  absl::Notification rank0_done, peer_created;
   absl::Status rank0_status, rank0_later, rank1_status;
   absl::Duration abort_to_return;
   RunGroup(kv, 1, 2, options, [&](int r, std::unique_ptr<Communicator>& comm) {
     std::vector<float> buf(1 << 20, 1.0f);
     if (r == 0) {
+      // Not before rank 1's rendezvous is over (an abort would fail its creation instead).
+      ASSERT_TRUE(peer_created.WaitForNotificationWithTimeout(absl::Seconds(120)));
       absl::Notification entering;
       std::atomic<int64_t> aborted_at_ns{0};
       std::thread aborter([&] {
@@ -633,6 +635,7 @@ TEST(GlooCommunicatorTest, AbortFromAnotherThreadUnblocksAWaitingAllReduce) {
       rank0_done.Notify();
     } else {
       // The peer that never arrives (until rank 0 gave up).
+      peer_created.Notify();
       rank0_done.WaitForNotification();
       rank1_status = comm->AllReduceSum(buf.data(), buf.size());
     }
@@ -645,11 +648,14 @@ TEST(GlooCommunicatorTest, AbortFromAnotherThreadUnblocksAWaitingAllReduce) {
 
 TEST(GlooCommunicatorTest, AbortBeforeAnOperationFailsItAtOnce) {
   InMemoryKeyValue kv;
-  absl::Notification aborted;
+  absl::Notification peer_created, aborted;
   absl::Status peer_status;
   RunGroup(kv, 1, 2, TestOptions(), [&](int r, std::unique_ptr<Communicator>& comm) {
     std::vector<int64_t> buf(100, 1);
     if (r == 0) {
+      // Rank 0's rendezvous can end before rank 1's: aborting then would fail rank 1's
+      // creation ("connection closed by peer"), a different case from the one tested here.
+      ASSERT_TRUE(peer_created.WaitForNotificationWithTimeout(absl::Seconds(120)));
       comm->Abort();
       comm->Abort();  // idempotent
       EXPECT_EQ(comm->status().code(), absl::StatusCode::kAborted);
@@ -657,6 +663,7 @@ TEST(GlooCommunicatorTest, AbortBeforeAnOperationFailsItAtOnce) {
       EXPECT_EQ(comm->Broadcast(buf.data(), 8, 1).code(), absl::StatusCode::kAborted);
       aborted.Notify();
     } else {
+      peer_created.Notify();
       aborted.WaitForNotification();
       peer_status = comm->AllReduceSum(buf.data(), buf.size());
     }
