@@ -422,20 +422,24 @@ absl::Status CudaGptModel::RunForward(int B) {
                                       p.qkvb + l * 3 * C, Ni, C, 3 * C));
     RETURN_IF_ERROR(
         kc::AttentionForward(ctx, atty, att, static_cast<const Act*>(qkv), B, T, C, NH));
+    // The biases of the three layers below are added by the kernel that consumes the product.
     RETURN_IF_ERROR(kc::MatmulForward(ctx, act(a.proj), static_cast<const Act*>(atty),
-                                      w.attprojw + l * cc, p.attprojb + l * C, Ni, C, C));
-    RETURN_IF_ERROR(
-        kc::ResidualForward(ctx, residual2, residual, static_cast<const Act*>(act(a.proj)), NC));
+                                      w.attprojw + l * cc, static_cast<const float*>(nullptr), Ni,
+                                      C, C));
+    RETURN_IF_ERROR(kc::BiasResidualForward(
+        ctx, residual2, residual, static_cast<const Act*>(act(a.proj)), p.attprojb + l * C, Ni, C));
     RETURN_IF_ERROR(kc::LayerNormForward(ctx, ln2, a.ln2_mean + l * N, a.ln2_rstd + l * N,
                                          static_cast<const Act*>(residual2), p.ln2w + l * C,
                                          p.ln2b + l * C, Ni, C));
     RETURN_IF_ERROR(kc::MatmulForward(ctx, fch, static_cast<const Act*>(ln2), w.fcw + l * 4 * cc,
-                                      p.fcb + l * 4 * C, Ni, C, 4 * C));
-    RETURN_IF_ERROR(kc::GeluForward(ctx, fch_gelu, static_cast<const Act*>(fch), 4 * NC));
+                                      static_cast<const float*>(nullptr), Ni, C, 4 * C));
+    RETURN_IF_ERROR(kc::BiasGeluForward(ctx, fch_gelu, fch, p.fcb + l * 4 * C, Ni, 4 * C));
     RETURN_IF_ERROR(kc::MatmulForward(ctx, act(a.proj), static_cast<const Act*>(fch_gelu),
-                                      w.fcprojw + l * 4 * cc, p.fcprojb + l * C, Ni, 4 * C, C));
-    RETURN_IF_ERROR(kc::ResidualForward(ctx, residual3, static_cast<const Act*>(residual2),
-                                        static_cast<const Act*>(act(a.proj)), NC));
+                                      w.fcprojw + l * 4 * cc, static_cast<const float*>(nullptr),
+                                      Ni, 4 * C, C));
+    RETURN_IF_ERROR(kc::BiasResidualForward(ctx, residual3, static_cast<const Act*>(residual2),
+                                            static_cast<const Act*>(act(a.proj)), p.fcprojb + l * C,
+                                            Ni, C));
   }
   RETURN_IF_ERROR(kc::LayerNormForward(ctx, act(a.lnf), a.lnf_mean, a.lnf_rstd,
                                        static_cast<const Act*>(act(a.residual3) + (L - 1) * NC),

@@ -101,7 +101,7 @@ int DefaultCausalBlockCount(int T);
 // query position, column j = key position), for one position block. scale = 1/sqrt(hs).
 // Gradients are overwritten (beta 0): they land in head-major scratch and are added to the
 // token-major gradient by the copy back.
-// att[:, q] = scale * q[q] k[:q.end]^T (query block q): A = k, B = q, C = att.
+// att[q, :q.end] = scale * q[q] k[:q.end]^T (query block q): A = k, B = q, C = att.
 GemmPlan HeadScoresPlan(int BH, int T, int hs, PositionBlock q);
 // y[q] = att[q, :q.end] v[:q.end]: A = v, B = att, C = y.
 GemmPlan HeadValuesPlan(int BH, int T, int hs, PositionBlock q);

@@ -713,6 +713,72 @@ struct AddBiasPack {
   }
 };
 
+// kN elements at p to / from fp32: one 16-byte pack when kN is Pack<Act>::kN, else one by one.
+template <typename Act, int kN>
+__device__ __forceinline__ void LoadN(const Act* p, float* out) {
+  if constexpr (kN == Pack<Act>::kN) {
+    LoadPack(p, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) out[k] = Load(p[k]);
+  }
+}
+template <typename Act, int kN>
+__device__ __forceinline__ void StoreN(Act* p, const float* in) {
+  if constexpr (kN == Pack<Act>::kN) {
+    StorePack(p, in);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) p[k] = Store<Act>(in[k]);
+  }
+}
+
+// A linear layer's bias added where its output is consumed, in the same arithmetic as
+// MatmulForward's bias addition (the biased value rounded to Act) followed by the consumer,
+// so the results have the same bits without the extra pass over the output. Rows of C
+// columns; element p of the grid handles elements [p * kN, (p + 1) * kN), which never wrap a
+// row (kN = 1, or C a whole number of packs).
+// out = a + (b + bias).
+template <typename Act, int kN>
+struct BiasResidualOp {
+  Act* out;
+  const Act* a;
+  const Act* b;
+  const float* bias;
+  int C;
+  __device__ void operator()(int64_t p) const {
+    const int64_t i = p * kN;
+    float x[kN], y[kN];
+    LoadN<Act, kN>(a + i, x);
+    LoadN<Act, kN>(b + i, y);
+    const int c0 = static_cast<int>(i % C);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = x[k] + Load(Store<Act>(y[k] + bias[c0 + k]));
+    StoreN<Act, kN>(out + i, x);
+  }
+};
+
+// pre += bias (stored: GELU's backward reads it), out = gelu(pre).
+template <typename Act, int kN>
+struct BiasGeluOp {
+  Act* out;
+  Act* pre;
+  const float* bias;
+  int C;
+  __device__ void operator()(int64_t p) const {
+    const int64_t i = p * kN;
+    float x[kN];
+    LoadN<Act, kN>(pre + i, x);
+    const int c0 = static_cast<int>(i % C);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = Load(Store<Act>(x[k] + bias[c0 + k]));
+    StoreN<Act, kN>(pre + i, x);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = x[k] * GeluSigmoid(x[k]);
+    StoreN<Act, kN>(out + i, x);
+  }
+};
+
 template <typename Act>
 __global__ void ResidualBackwardKernel(Act* da, Act* db, const Act* dout, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -1191,7 +1257,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
     }
     const int rows = BH * T;
     const auto row_blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
-    if (PackedRow<Act>(T)) {
+    if (PackedRow<Act>(T) && Aligned16(att_chunk)) {
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
         CausalSoftmaxPackedKernel<Act, decltype(packs)::value>
             <<<row_blocks, kThreads, 0, ctx.stream()>>>(att_chunk, rows, T);
@@ -1250,7 +1316,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
     // datt: d(probabilities) -> d(scaled scores), in place; the scale goes into the products.
     const int rows = BH * T;
     const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
-    if (PackedRow<Act>(T)) {
+    if (PackedRow<Act>(T) && Aligned16(att_chunk) && Aligned16(datt_chunk)) {
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
         CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>
             <<<blocks, kThreads, 0, ctx.stream()>>>(datt_chunk, att_chunk, rows, T);
@@ -1307,6 +1373,40 @@ absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
+}
+
+// Runs Op<Act, kN>{args..., C} over the N x C elements: in 16-byte packs when C is a whole
+// number of packs and every pointer is 16-byte aligned, else element by element.
+template <template <typename, int> class Op, typename Act, typename... Args>
+absl::Status LaunchBiasOp(CudaContext& ctx, const char* op, int N, int C,
+                          std::initializer_list<const void*> pointers, Args... args) {
+  RETURN_IF_ERROR(CheckPositive(op, {N, C}));
+  constexpr int kN = Pack<Act>::kN;
+  bool packed = C % kN == 0;
+  for (const void* p : pointers) packed = packed && Aligned16(p);
+  const int64_t total = static_cast<int64_t>(N) * C;
+  if (packed) {
+    PackedElementwiseKernel<<<ElementwiseBlocks(total / kN, kThreads), kThreads, 0, ctx.stream()>>>(
+        total / kN, Op<Act, kN>{args..., C});
+  } else {
+    PackedElementwiseKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(
+        total, Op<Act, 1>{args..., C});
+  }
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status BiasResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b,
+                                 const float* bias, int N, int C) {
+  return LaunchBiasOp<BiasResidualOp, Act>(ctx, "BiasResidualForward", N, C, {out, a, b}, out, a, b,
+                                           bias);
+}
+
+template <typename Act>
+absl::Status BiasGeluForward(CudaContext& ctx, Act* out, Act* pre, const float* bias, int N,
+                             int C) {
+  return LaunchBiasOp<BiasGeluOp, Act>(ctx, "BiasGeluForward", N, C, {out, pre}, out, pre, bias);
 }
 
 template <typename Act>
@@ -1416,6 +1516,9 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
   template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t);    \
   template absl::Status ResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t); \
   template absl::Status ResidualBackward<Act>(CudaContext&, Act*, Act*, const Act*, int64_t);      \
+  template absl::Status BiasResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*,       \
+                                                 const float*, int, int);                          \
+  template absl::Status BiasGeluForward<Act>(CudaContext&, Act*, Act*, const float*, int, int);    \
   template absl::Status CrossEntropyBackward<Act>(CudaContext&, Act*, const float*, const float*,  \
                                                   const int32_t*, float, int, int, int);
 

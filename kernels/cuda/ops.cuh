@@ -111,6 +111,17 @@ absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act
 template <typename Act>
 absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dout, int64_t n);
 
+// A linear layer's bias added where its output is consumed (GPU only: it saves the pass over
+// the output that MatmulForward's bias addition makes). Same bits as MatmulForward with the
+// bias followed by ResidualForward / GeluForward: the biased value is rounded to Act first.
+// out[N,C] = a + (b + bias), b being the product without its bias (b is not changed).
+template <typename Act>
+absl::Status BiasResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b,
+                                 const float* bias, int N, int C);
+// pre[N,C] += bias (pre is what GeluBackward reads), then out = gelu(pre).
+template <typename Act>
+absl::Status BiasGeluForward(CudaContext& ctx, Act* out, Act* pre, const float* bias, int N, int C);
+
 // Softmax cross-entropy over the first V of Vp fp32 logits per row. Unlike the CPU
 // reference's pair (which writes the probabilities [N, Vp] and reads them back: 3.3 GB each
 // way at GPT-2 124M and 16 x 1024 tokens), the forward reads the logits once and keeps two

@@ -57,8 +57,11 @@ class DeviceBuffer {
     // finish the copy before anything is launched.
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
-  void Zero() {
-    ASSERT_EQ(cudaMemset(ptr_, 0, n_ * sizeof(X)), cudaSuccess);
+  void Zero() { FillBytes(0); }
+  // Every byte set to `byte`; 0xFF makes every fp32 and bf16 element a NaN, so that an
+  // element a kernel should have written, or read only after writing, shows.
+  void FillBytes(int byte) {
+    ASSERT_EQ(cudaMemset(ptr_, byte, n_ * sizeof(X)), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   // Waits for all device work first (cudaMemcpy synchronises with the legacy stream only).

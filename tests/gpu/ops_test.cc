@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -185,9 +186,13 @@ void AttentionCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int B, int T
   cpu::AttentionBackward(cpu_ctx, dinp_ref.data(), datt.data(), dout.data(), inp.data(), att.data(),
                          B, T, C, NH);
 
-  // Old contents in the outputs: the forward must overwrite them, not add to them.
+  // Old contents in the outputs: the forward must overwrite them, not add to them; the
+  // scores start as NaN (the products skip tiles above the diagonal, and nothing may read an
+  // entry before it is written).
   DeviceBuffer<float> d_inp(inp), d_out(RandomVector(out.size(), 33 + T)), d_att(att.size()),
       d_dout(dout), d_dinp(dinp), d_datt(datt.size());
+  d_att.FillBytes(0xFF);
+  d_datt.FillBytes(0xFF);
   ASSERT_TRUE(cuda::AttentionForward(ctx, d_out.get(), d_att.get(),
                                      static_cast<const float*>(d_inp.get()), B, T, C, NH)
                   .ok());
@@ -209,6 +214,7 @@ TEST_F(GpuOpsTest, AttentionForwardBackward) {
   // Products by causal position blocks (kernels/cuda/gemm_plan.h DefaultCausalBlockCount).
   AttentionCase(cpu_, ctx(), 1, 512, 64, 2);   // 2 blocks
   AttentionCase(cpu_, ctx(), 1, 1024, 32, 2);  // 4 blocks, GPT-2's T
+  AttentionCase(cpu_, ctx(), 1, 777, 32, 2);   // 3 uneven blocks, unaligned operand offsets
 }
 
 // With less scratch than the whole batch needs, the attention runs in chunks of batch
@@ -222,6 +228,7 @@ TEST_F(GpuOpsTest, AttentionInChunksWhenScratchIsSmall) {
   ASSERT_TRUE(small.ok()) << small.status();
   ASSERT_LT((*small)->scratch_bytes(), cuda::AttentionScratchBytes<float>(5, 128, 128));
   AttentionCase(cpu_, **small, 5, 128, 128, 4);
+  AttentionCase(cpu_, **small, 3, 512, 32, 2);  // chunks of 2 + 1, 2 position blocks
 
   const int B = 1, T = 256, C = 256, NH = 4;
   ASSERT_LT((*small)->scratch_bytes(), cuda::AttentionScratchBytes<float>(B, T, C));
@@ -317,6 +324,111 @@ TEST_F(GpuOpsTest, CrossEntropy) {
   CrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false, /*masked=*/true);
   CrossEntropyCase(cpu_, ctx(), 17, 997, 999, false, /*masked=*/true);
   CrossEntropyCase(cpu_, ctx(), 5, 50257, 50304, false);  // GPT-2's vocabulary
+}
+
+// The fused bias additions against what MatmulForward's bias addition followed by
+// ResidualForward / GeluForward compute: the biased value rounded to the activation type,
+// then the consumer. Residuals are exact; GELU within the kernel tolerances. C 96: 16-byte
+// packs; C 30: element by element.
+TEST_F(GpuOpsTest, BiasResidualAndBiasGelu) {
+  const int N = 37;
+  for (const int C : {96, 30}) {
+    for (const bool bf16 : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "C=" << C << (bf16 ? " bf16" : " fp32"));
+      const auto round = [&](std::vector<float> v) { return bf16 ? RoundToBf16(std::move(v)) : v; };
+      const auto a = round(RandomVector(N * C, 110)), b = round(RandomVector(N * C, 111));
+      const auto pre = round(RandomVector(N * C, 112, 3.0f));
+      const auto bias = RandomVector(C, 113);
+      std::vector<float> biased_b(N * C), biased_pre(N * C), sum(N * C), gelu(N * C);
+      for (int i = 0; i < N * C; ++i) {
+        biased_b[i] = b[i] + bias[i % C];
+        biased_pre[i] = pre[i] + bias[i % C];
+      }
+      biased_b = round(biased_b);
+      biased_pre = round(biased_pre);
+      for (int i = 0; i < N * C; ++i) sum[i] = a[i] + biased_b[i];
+      sum = round(sum);
+      cpu::GeluForward(cpu_, gelu.data(), biased_pre.data(), N * C);
+      const float atol = bf16 ? kAtol16 : kAtol32, rtol = bf16 ? kRtol16 : kRtol32;
+      if (bf16) {
+        Bf16Buffer d_a(ToBf16Bits(a)), d_b(ToBf16Bits(b)), d_pre(ToBf16Bits(pre)), d_out(N * C),
+            d_gelu(N * C);
+        DeviceBuffer<float> d_bias(bias);
+        const cuda::bf16* cb = AsBf16(d_b);
+        ASSERT_TRUE(cuda::BiasResidualForward(ctx(), AsBf16(d_out),
+                                              static_cast<const cuda::bf16*>(AsBf16(d_a)), cb,
+                                              d_bias.get(), N, C)
+                        .ok());
+        ASSERT_TRUE(
+            cuda::BiasGeluForward(ctx(), AsBf16(d_gelu), AsBf16(d_pre), d_bias.get(), N, C).ok());
+        ExpectAllClose("residual", Download16(d_out), sum, 0, 0);
+        ExpectAllClose("b unchanged", Download16(d_b), b, 0, 0);
+        ExpectAllClose("pre + bias", Download16(d_pre), biased_pre, 0, 0);
+        ExpectAllClose("gelu", Download16(d_gelu), gelu, atol, rtol);
+      } else {
+        DeviceBuffer<float> d_a(a), d_b(b), d_pre(pre), d_out(N * C), d_gelu(N * C), d_bias(bias);
+        const float* cb = d_b.get();
+        ASSERT_TRUE(cuda::BiasResidualForward(ctx(), d_out.get(),
+                                              static_cast<const float*>(d_a.get()), cb,
+                                              d_bias.get(), N, C)
+                        .ok());
+        ASSERT_TRUE(
+            cuda::BiasGeluForward(ctx(), d_gelu.get(), d_pre.get(), d_bias.get(), N, C).ok());
+        ExpectAllClose("residual", d_out.Download(), sum, 0, 0);
+        ExpectAllClose("b unchanged", d_b.Download(), b, 0, 0);
+        ExpectAllClose("pre + bias", d_pre.Download(), biased_pre, 0, 0);
+        ExpectAllClose("gelu", d_gelu.Download(), gelu, atol, rtol);
+      }
+    }
+  }
+}
+
+// The claim of ops.cuh, on the device: a product with its bias then ResidualForward /
+// GeluForward, and the product without it then BiasResidualForward / BiasGeluForward, give the
+// same bits.
+template <typename Act>
+void FusedBiasSameBits(cuda::CudaContext& ctx, int N, int Cin, int OC) {
+  SCOPED_TRACE(::testing::Message() << "OC=" << OC << (sizeof(Act) == 2 ? " bf16" : " fp32"));
+  using Raw = std::conditional_t<sizeof(Act) == 2, uint16_t, float>;
+  const auto to_raw = [](const std::vector<float>& v) {
+    if constexpr (sizeof(Act) == 2) {
+      return ToBf16Bits(v);
+    } else {
+      return v;
+    }
+  };
+  DeviceBuffer<Raw> x(to_raw(RandomVector(N * Cin, 120))), w(to_raw(RandomVector(OC * Cin, 121))),
+      a(to_raw(RandomVector(N * OC, 122))), with_bias(N * OC), without(N * OC), out1(N * OC),
+      out2(N * OC);
+  DeviceBuffer<float> bias(RandomVector(OC, 123));
+  const auto* cx = reinterpret_cast<const Act*>(x.get());
+  const auto* cw = reinterpret_cast<const Act*>(w.get());
+  const auto* ca = reinterpret_cast<const Act*>(a.get());
+  auto* wb = reinterpret_cast<Act*>(with_bias.get());
+  auto* wo = reinterpret_cast<Act*>(without.get());
+  auto* o1 = reinterpret_cast<Act*>(out1.get());
+  auto* o2 = reinterpret_cast<Act*>(out2.get());
+  ASSERT_TRUE(cuda::MatmulForward(ctx, wb, cx, cw, bias.get(), N, Cin, OC).ok());
+  ASSERT_TRUE(
+      cuda::ResidualForward(ctx, o1, ca, static_cast<const Act*>(wb), static_cast<int64_t>(N) * OC)
+          .ok());
+  ASSERT_TRUE(
+      cuda::MatmulForward(ctx, wo, cx, cw, static_cast<const float*>(nullptr), N, Cin, OC).ok());
+  ASSERT_TRUE(
+      cuda::BiasResidualForward(ctx, o2, ca, static_cast<const Act*>(wo), bias.get(), N, OC).ok());
+  EXPECT_EQ(out1.Download(), out2.Download()) << "residual";
+  ASSERT_TRUE(
+      cuda::GeluForward(ctx, o1, static_cast<const Act*>(wb), static_cast<int64_t>(N) * OC).ok());
+  ASSERT_TRUE(cuda::BiasGeluForward(ctx, o2, wo, bias.get(), N, OC).ok());
+  EXPECT_EQ(with_bias.Download(), without.Download()) << "pre + bias";
+  EXPECT_EQ(out1.Download(), out2.Download()) << "gelu";
+}
+
+TEST_F(GpuOpsTest, FusedBiasGivesTheSameBits) {
+  for (const int OC : {96, 30}) {
+    FusedBiasSameBits<float>(ctx(), 37, 24, OC);
+    FusedBiasSameBits<cuda::bf16>(ctx(), 37, 24, OC);
+  }
 }
 
 TEST_F(GpuOpsTest, SumOfSquaresAndSum) {
@@ -509,8 +621,16 @@ TEST_F(GpuOpsTest, Bf16LayerNormMatmulGeluAttention) {
                                        static_cast<const cuda::bf16*>(AsBf16(d_qkv)), a.B, a.T, a.C,
                                        a.NH)
                     .ok());
-    ExpectAllClose("bf16 attention probs", Download16(d_att), att, 4e-3f, 3e-2f);
+    const auto probs = Download16(d_att);
+    ExpectAllClose("bf16 attention probs", probs, att, 4e-3f, 3e-2f);
     ExpectAllClose("bf16 attention out", Download16(d_aout), aout, 1e-2f, 3e-2f);
+    // Probabilities are ~1/t at T 512, under the absolute tolerance: each row must also sum
+    // to 1 (a missed or zeroed pack would not).
+    for (int r = 0; r < a.B * a.NH * a.T; ++r) {
+      double row_sum = 0;
+      for (int j = 0; j < a.T; ++j) row_sum += probs[static_cast<size_t>(r) * a.T + j];
+      ASSERT_NEAR(row_sum, 1.0, 2e-2) << "row " << r;
+    }
   }
 }
 
