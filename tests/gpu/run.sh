@@ -16,8 +16,11 @@
 #      then short bf16 and fp32 training runs at smaller shapes and in deterministic mode, to
 #      tell a shape effect (B, T) from a many-steps effect and from cuBLAS atomics;
 #   4. (SPOTRAIN_GPU_SANITIZE=1) the kernel tests under compute-sanitizer memcheck;
-# then prints a summary table last. Full logs go to DIR (at most 8 files: env.txt,
-# tests.log, bench.log, bench.json, bf16_diag.log, sanitize.log, summary.md, build.log).
+#   5. (SPOTRAIN_GPU_PROFILE=1; about 30 s) where one bf16 step's time goes, kernel by kernel
+#      (bench/gpu/profile_kernels.sh under Nsight Compute: kernels.md);
+# then prints a summary table last. Full logs go to DIR (env.txt, tests.log, bench.log,
+# bench.json, summary.md, and bf16_diag.log, sanitize.log, kernels.md, build.log when those
+# phases run).
 #
 #   tests/gpu/run.sh DIR
 # Binaries come from, in order:
@@ -256,6 +259,25 @@ if [[ ${SPOTRAIN_GPU_SANITIZE:-0} == 1 ]]; then
   fi
 fi
 
+# ---- 5. optional: kernel profile -------------------------------------------------------------
+profile_rc=0
+if [[ ${SPOTRAIN_GPU_PROFILE:-0} == 1 ]]; then
+  profiler=""
+  for c in "$script_dir/../../bench/gpu/profile_kernels.sh" "$PWD/bench/gpu/profile_kernels.sh"; do
+    [[ -f $c ]] && { profiler=$c; break; }
+  done
+  if [[ -n $profiler ]]; then
+    log "kernel profile of one bf16 step (Nsight Compute)"
+    profile_dir=$(mktemp -d)
+    timeout --kill-after=10 "${SPOTRAIN_PROFILE_TIMEOUT:-240}" bash "$profiler" "$profile_dir" \
+      "$bench" </dev/null || profile_rc=$?
+    [[ -f $profile_dir/kernels.md ]] && cp "$profile_dir/kernels.md" "$out/kernels.md"
+    summary_rows+=("| kernel profile (kernels.md) | $([[ $profile_rc == 0 ]] && echo ok || echo "FAILED (exit $profile_rc)") | | |")
+  else
+    summary_rows+=("| kernel profile | not run (bench/gpu/profile_kernels.sh not found) | | |")
+  fi
+fi
+
 # ---- summary, last ---------------------------------------------------------------------------
 {
   echo "## spotrain GPU checks, $(date -u +%FT%TZ)"
@@ -284,6 +306,10 @@ fi
     grep -E '^(===|compare-bf16 done|step [0-9]+:|(fp32|bf16) +(ok|FAILED|losses)|.*<-- off)' "$out/bf16_diag.log" |
       sed -E 's/ \(median [^)]*\)//'
     echo '```'
+  fi
+  if [[ -s $out/kernels.md ]]; then
+    echo
+    head -22 "$out/kernels.md"
   fi
 } >"$out/summary.md"
 log "done; logs in $out"
