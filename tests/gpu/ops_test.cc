@@ -487,7 +487,7 @@ TEST_F(GpuOpsTest, PackedRowKernelsMatchCpu) {
   AttentionCase(cpu_, ctx(), 2, 128, 64, 4);  // fp32: 1 pack per row
   AttentionCase(cpu_, ctx(), 1, 384, 64, 2);  // fp32: 3 packs per row
   for (int C : {256, 768}) {
-    SCOPED_TRACE(::testing::Message() << "LayerNorm backward, C=" << C);
+    SCOPED_TRACE(::testing::Message() << "LayerNorm, C=" << C);
     const int N = 67;
     auto inp = RandomVector(N * C, 90 + C, 2.0f);
     auto w = RandomVector(C, 91), b = RandomVector(C, 92);
@@ -524,6 +524,27 @@ TEST_F(GpuOpsTest, PackedRowKernelsMatchCpu) {
                                         h_mean.get(), h_rstd.get(), N, C)
                     .ok());
     ExpectAllClose("packed bf16 ln dinp", Download16(h_dinp), ref16, 2e-2f, kRtol16);
+
+    // Forward, fp32 and bf16 (out still holds the CPU's bf16-input forward).
+    DeviceBuffer<float> f_out(N * C), f_mean(N), f_rstd(N), d_b(b);
+    ASSERT_TRUE(cuda::LayerNormForward(ctx(), f_out.get(), f_mean.get(), f_rstd.get(),
+                                       static_cast<const float*>(d_inp.get()), d_w.get(), d_b.get(),
+                                       N, C)
+                    .ok());
+    std::vector<float> out32(N * C);
+    cpu::LayerNormForward(cpu_, out32.data(), mean.data(), rstd.data(), inp.data(), w.data(),
+                          b.data(), N, C);
+    ExpectAllClose("packed ln out", f_out.Download(), out32, kAtol32, kRtol32);
+    ExpectAllClose("packed ln mean", f_mean.Download(), mean, kAtol32, kRtol32);
+    ExpectAllClose("packed ln rstd", f_rstd.Download(), rstd, kAtol32, kRtol32);
+    Bf16Buffer h_out(N * C);
+    ASSERT_TRUE(cuda::LayerNormForward(ctx(), AsBf16(h_out), f_mean.get(), f_rstd.get(),
+                                       static_cast<const cuda::bf16*>(AsBf16(h_x)), d_w.get(),
+                                       d_b.get(), N, C)
+                    .ok());
+    ExpectAllClose("packed bf16 ln out", Download16(h_out), out, kAtol16, kRtol16);
+    ExpectAllClose("packed bf16 ln mean", f_mean.Download(), mean16, kAtol32, kRtol32);
+    ExpectAllClose("packed bf16 ln rstd", f_rstd.Download(), rstd16, kAtol32, kRtol32);
   }
   // bf16 attention backward at T = 256 (1 pack per row): the CPU backward from the same
   // bf16-rounded inputs and probabilities.
