@@ -486,10 +486,10 @@ absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
   RETURN_IF_ERROR(kc::CrossEntropyBackward(ctx, dlogits, static_cast<const float*>(a.logits),
                                            a.ce_stats, a.targets,
                                            grad_scale / static_cast<float>(N), Ni, V_, Vp));
-  RETURN_IF_ERROR(zero(a.dln, NC));
+  constexpr kc::GradWrite kOverwrite = kc::GradWrite::kOverwrite;
   RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.wte, static_cast<float*>(nullptr),
                                      static_cast<const Act*>(dlogits), cact(a.lnf), w.wte, Ni, C,
-                                     Vp));
+                                     Vp, kOverwrite));
   // dresidual holds d(residual stream) from here on; the blocks add into it.
   RETURN_IF_ERROR(zero(a.dresidual, NC));
   RETURN_IF_ERROR(kc::LayerNormBackward(ctx, act(a.dresidual), g.lnfw, g.lnfb, cact(a.dln),
@@ -507,28 +507,27 @@ absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
     const Act* fch_gelu = cact(a.fch_gelu) + l * 4 * NC;
     // residual3 = residual2 + fcproj: d(fcproj) is d(residual3), which dresidual holds and
     // which also flows unchanged into d(residual2).
-    RETURN_IF_ERROR(zero(a.dfch_gelu, 4 * NC));
+    // The per-layer gradient buffers (dfch_gelu, dfch, dln, datty, dqkv) have one writer
+    // each, which writes them over (kOverwrite) instead of adding to a zeroed buffer.
     RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dfch_gelu), g.fcprojw + l * 4 * cc,
                                        g.fcprojb + l * C, cact(a.dresidual), fch_gelu,
-                                       w.fcprojw + l * 4 * cc, Ni, 4 * C, C));
-    RETURN_IF_ERROR(zero(a.dfch, 4 * NC));
-    RETURN_IF_ERROR(kc::GeluBackward(ctx, act(a.dfch), fch, cact(a.dfch_gelu), 4 * NC));
-    RETURN_IF_ERROR(zero(a.dln, NC));
+                                       w.fcprojw + l * 4 * cc, Ni, 4 * C, C, kOverwrite));
+    RETURN_IF_ERROR(kc::GeluBackward(ctx, act(a.dfch), fch, cact(a.dfch_gelu), 4 * NC, kOverwrite));
     RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.fcw + l * 4 * cc, g.fcb + l * 4 * C,
-                                       cact(a.dfch), ln2, w.fcw + l * 4 * cc, Ni, C, 4 * C));
+                                       cact(a.dfch), ln2, w.fcw + l * 4 * cc, Ni, C, 4 * C,
+                                       kOverwrite));
     RETURN_IF_ERROR(kc::LayerNormBackward(ctx, act(a.dresidual), g.ln2w + l * C, g.ln2b + l * C,
                                           cact(a.dln), residual2, p.ln2w + l * C,
                                           a.ln2_mean + l * N, a.ln2_rstd + l * N, Ni, C));
     // residual2 = residual + attproj: likewise.
-    RETURN_IF_ERROR(zero(a.datty, NC));
     RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.datty), g.attprojw + l * cc, g.attprojb + l * C,
-                                       cact(a.dresidual), atty, w.attprojw + l * cc, Ni, C, C));
-    RETURN_IF_ERROR(zero(a.dqkv, 3 * NC));
-    RETURN_IF_ERROR(
-        kc::AttentionBackward(ctx, act(a.dqkv), act(a.datt), cact(a.datty), qkv, att, B, T, C, NH));
-    RETURN_IF_ERROR(zero(a.dln, NC));
+                                       cact(a.dresidual), atty, w.attprojw + l * cc, Ni, C, C,
+                                       kOverwrite));
+    RETURN_IF_ERROR(kc::AttentionBackward(ctx, act(a.dqkv), act(a.datt), cact(a.datty), qkv, att, B,
+                                          T, C, NH, kOverwrite));
     RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.qkvw + l * 3 * cc, g.qkvb + l * 3 * C,
-                                       cact(a.dqkv), ln1, w.qkvw + l * 3 * cc, Ni, C, 3 * C));
+                                       cact(a.dqkv), ln1, w.qkvw + l * 3 * cc, Ni, C, 3 * C,
+                                       kOverwrite));
     RETURN_IF_ERROR(kc::LayerNormBackward(ctx, act(a.dresidual), g.ln1w + l * C, g.ln1b + l * C,
                                           cact(a.dln), residual, p.ln1w + l * C, a.ln1_mean + l * N,
                                           a.ln1_rstd + l * N, Ni, C));

@@ -657,7 +657,8 @@ __global__ void GeluForwardKernel(Act* out, const Act* inp, int64_t n) {
 }
 
 // d/dx [x s(2u)] = s + 2 x s (1 - s) u'(x).
-template <typename Act>
+// kOverwrite: dinp = gelu'(inp) * dout, dinp's old contents never read; else dinp += ...
+template <typename Act, bool kOverwrite>
 __global__ void GeluBackwardKernel(Act* dinp, const Act* inp, const Act* dout, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -665,7 +666,8 @@ __global__ void GeluBackwardKernel(Act* dinp, const Act* inp, const Act* dout, i
     const float s = GeluSigmoid(x);
     const float du = kGeluScale * (1.0f + 3.0f * kGeluCube * x * x);
     const float grad = s + 2.0f * x * s * (1.0f - s) * du;
-    dinp[i] = Store<Act>(Load(dinp[i]) + grad * Load(dout[i]));
+    const float d = grad * Load(dout[i]);
+    dinp[i] = Store<Act>(kOverwrite ? d : Load(dinp[i]) + d);
   }
 }
 
@@ -702,7 +704,7 @@ struct GeluForwardPack {
   }
 };
 
-template <typename Act>
+template <typename Act, bool kOverwrite>
 struct GeluBackwardPack {
   Act* dinp;
   const Act* inp;
@@ -712,13 +714,14 @@ struct GeluBackwardPack {
     float x[kN], g[kN], d[kN];
     LoadPack(inp + p * kN, x);
     LoadPack(dout + p * kN, g);
-    LoadPack(dinp + p * kN, d);
+    if (!kOverwrite) LoadPack(dinp + p * kN, d);
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const float s = GeluSigmoid(x[k]);
       const float du = kGeluScale * (1.0f + 3.0f * kGeluCube * x[k] * x[k]);
       const float grad = s + 2.0f * x[k] * s * (1.0f - s) * du;
-      d[k] = d[k] + grad * g[k];
+      const float dk = grad * g[k];
+      d[k] = kOverwrite ? dk : d[k] + dk;
     }
     StorePack(dinp + p * kN, d);
   }
@@ -1262,10 +1265,12 @@ absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* 
 template <typename Act>
 absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
                             const Act* dout, const Act* inp, const Act* weight, int N, int C,
-                            int OC) {
+                            int OC, GradWrite dinp_write) {
   RETURN_IF_ERROR(CheckPositive("MatmulBackward", {N, C, OC}));
   if (dinp != nullptr) {
-    RETURN_IF_ERROR(Gemm(ctx, MatmulBackwardInputPlan(N, C, OC), weight, dout, dinp));
+    GemmPlan plan = MatmulBackwardInputPlan(N, C, OC);
+    if (dinp_write == GradWrite::kOverwrite) plan.beta = 0.0f;  // cuBLAS then never reads dinp
+    RETURN_IF_ERROR(Gemm(ctx, plan, weight, dout, dinp));
   }
   // Into the fp32 gradient buffer whatever the operand type.
   RETURN_IF_ERROR(Gemm(ctx, MatmulBackwardWeightPlan(N, C, OC), inp, dout, dweight));
@@ -1330,7 +1335,8 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
 
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
-                               const Act* inp, const Act* att, int B, int T, int C, int NH) {
+                               const Act* inp, const Act* att, int B, int T, int C, int NH,
+                               GradWrite dinp_write) {
   ASSIGN_OR_RETURN(const AttentionSetup setup, SetUpAttention<Act>(ctx, "AttentionBackward", B, T,
                                                                    C, NH, kAttentionBackwardSlots));
   const int hs = setup.hs, chunk = setup.chunk;
@@ -1383,8 +1389,10 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
       RETURN_IF_ERROR(Gemm(ctx, HeadGradQueriesPlan(BH, T, hs, blk), k, dscores, dq));
       RETURN_IF_ERROR(Gemm(ctx, HeadGradKeysPlan(BH, T, hs, blk), q, dscores, dk));
     }
-    RETURN_IF_ERROR(
-        CopyHeads<HeadCopy::kScatterAdd>(ctx, dinp, static_cast<const Act*>(dqkv_h), qkv_layout));
+    const Act* dqkv = dqkv_h;
+    RETURN_IF_ERROR(dinp_write == GradWrite::kOverwrite
+                        ? CopyHeads<HeadCopy::kScatter>(ctx, dinp, dqkv, qkv_layout)
+                        : CopyHeads<HeadCopy::kScatterAdd>(ctx, dinp, dqkv, qkv_layout));
   }
   return absl::OkStatus();
 }
@@ -1405,12 +1413,23 @@ absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n) 
   return absl::OkStatus();
 }
 
+template <typename Act, bool kOverwrite>
+void LaunchGeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n) {
+  if (!PackedElementwise<Act>(ctx, n, {dinp, inp, dout},
+                              GeluBackwardPack<Act, kOverwrite>{dinp, inp, dout})) {
+    GeluBackwardKernel<Act, kOverwrite>
+        <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp, dout, n);
+  }
+}
+
 template <typename Act>
-absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n) {
+absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n,
+                          GradWrite write) {
   if (n <= 0) return absl::OkStatus();
-  if (!PackedElementwise<Act>(ctx, n, {dinp, inp, dout}, GeluBackwardPack<Act>{dinp, inp, dout})) {
-    GeluBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp,
-                                                                                      dout, n);
+  if (write == GradWrite::kOverwrite) {
+    LaunchGeluBackward<Act, true>(ctx, dinp, inp, dout, n);
+  } else {
+    LaunchGeluBackward<Act, false>(ctx, dinp, inp, dout, n);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1558,14 +1577,15 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
   template absl::Status MatmulForward<Act, Act>(CudaContext&, Act*, const Act*, const Act*,        \
                                                 const float*, int, int, int);                      \
   template absl::Status MatmulBackward<Act>(CudaContext&, Act*, float*, float*, const Act*,        \
-                                            const Act*, const Act*, int, int, int);                \
+                                            const Act*, const Act*, int, int, int, GradWrite);     \
   template absl::Status AttentionForward<Act>(CudaContext&, Act*, Act*, const Act*, int, int, int, \
                                               int);                                                \
   template absl::Status AttentionBackward<Act>(CudaContext&, Act*, Act*, const Act*, const Act*,   \
-                                               const Act*, int, int, int, int);                    \
+                                               const Act*, int, int, int, int, GradWrite);         \
   template size_t AttentionScratchBytes<Act>(int, int, int);                                       \
   template absl::Status GeluForward<Act>(CudaContext&, Act*, const Act*, int64_t);                 \
-  template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t);    \
+  template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t,     \
+                                          GradWrite);                                              \
   template absl::Status ResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t); \
   template absl::Status ResidualBackward<Act>(CudaContext&, Act*, Act*, const Act*, int64_t);      \
   template absl::Status BiasResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*,       \

@@ -46,6 +46,11 @@ namespace spotrain::kernels::cuda {
 
 using bf16 = __nv_bfloat16;
 
+// How a backward kernel writes an activation gradient: added to what the buffer holds (the
+// CPU reference's contract, the default), or written over it (GPU only: the old contents are
+// never read, so the caller need not zero the buffer first: two passes over it less).
+enum class GradWrite { kAccumulate, kOverwrite };
+
 // out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]. inp values must lie in [0, rows of wte).
 template <typename Act>
 absl::Status EncoderForward(CudaContext& ctx, Act* out, const int32_t* inp, const float* wte,
@@ -77,7 +82,7 @@ absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* 
 template <typename Act>
 absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
                             const Act* dout, const Act* inp, const Act* weight, int N, int C,
-                            int OC);
+                            int OC, GradWrite dinp_write = GradWrite::kAccumulate);
 
 // Causal multi-head self-attention; inp is the fused qkv [B,T,3C], out [B,T,C], att
 // [B,NH,T,T] the softmax probabilities (0 above the diagonal), saved for backward.
@@ -87,12 +92,13 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
 // dinp[B,T,3C] += ...; datt [B,NH,T,T] is scratch the kernel overwrites.
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
-                               const Act* inp, const Act* att, int B, int T, int C, int NH);
+                               const Act* inp, const Act* att, int B, int T, int C, int NH,
+                               GradWrite dinp_write = GradWrite::kAccumulate);
 // The products of AttentionBackward land in head-major scratch in the activation type and are
-// then added to dinp, so with bf16 a non-zero dinp sees two roundings (the model's dinp is
-// zero). Both attention calls work on head-major copies of q, k, v and the output in the context's
-// scratch memory, batch elements in chunks as many as it holds (at least one: less scratch
-// than that is kResourceExhausted). With this many scratch bytes the whole batch B is one
+// then added to (or written over) dinp, so with bf16 accumulating into a non-zero dinp sees
+// two roundings. Both attention calls work on head-major copies of q, k, v and the output in the
+// context's scratch memory, batch elements in chunks as many as it holds (at least one: less
+// scratch than that is kResourceExhausted). With this many scratch bytes the whole batch B is one
 // chunk: every product is one strided-batched call over all B x NH heads (the fastest).
 template <typename Act>
 size_t AttentionScratchBytes(int B, int T, int C);
@@ -102,7 +108,8 @@ template <typename Act>
 absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n);
 // dinp += gelu'(inp) * dout.
 template <typename Act>
-absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n);
+absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n,
+                          GradWrite write = GradWrite::kAccumulate);
 
 // out = a + b.
 template <typename Act>

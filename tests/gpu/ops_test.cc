@@ -431,6 +431,72 @@ TEST_F(GpuOpsTest, FusedBiasGivesTheSameBits) {
   }
 }
 
+// GradWrite::kOverwrite: the gradient buffer starts as NaN and must come out equal to what
+// accumulating into a zeroed buffer gives (GELU bit for bit; the products within tolerance,
+// cuBLAS may pick another algorithm for beta 0), parameter gradients still accumulated.
+TEST_F(GpuOpsTest, OverwritingGradientsNeverReadTheBuffer) {
+  const auto overwrite = cuda::GradWrite::kOverwrite;
+  // GELU, fp32 and bf16.
+  const int64_t n = 4099;
+  auto x = RandomVector(n, 130, 3.0f), g = RandomVector(n, 131);
+  DeviceBuffer<float> d_x(x), d_g(g), acc(n), over(n);
+  acc.Zero();
+  over.FillBytes(0xFF);
+  const float* cx = d_x.get();
+  const float* cg = d_g.get();
+  ASSERT_TRUE(cuda::GeluBackward(ctx(), acc.get(), cx, cg, n).ok());
+  ASSERT_TRUE(cuda::GeluBackward(ctx(), over.get(), cx, cg, n, overwrite).ok());
+  EXPECT_TRUE(BitIdentical(over.Download(), acc.Download())) << "fp32 gelu";
+  Bf16Buffer x16(ToBf16Bits(x)), g16(ToBf16Bits(g)), acc16(n), over16(n);
+  acc16.Zero();
+  over16.FillBytes(0xFF);
+  ASSERT_TRUE(cuda::GeluBackward(ctx(), AsBf16(acc16), static_cast<const cuda::bf16*>(AsBf16(x16)),
+                                 static_cast<const cuda::bf16*>(AsBf16(g16)), n)
+                  .ok());
+  ASSERT_TRUE(cuda::GeluBackward(ctx(), AsBf16(over16), static_cast<const cuda::bf16*>(AsBf16(x16)),
+                                 static_cast<const cuda::bf16*>(AsBf16(g16)), n, overwrite)
+                  .ok());
+  EXPECT_EQ(over16.Download(), acc16.Download()) << "bf16 gelu";
+
+  // Linear layer: dinp written over, dweight and dbias added to.
+  const int N = 45, C = 32, OC = 96;
+  auto inp = RandomVector(N * C, 132), w = RandomVector(OC * C, 133);
+  auto dout = RandomVector(N * OC, 134), dw = RandomVector(OC * C, 135), db = RandomVector(OC, 136);
+  std::vector<float> dinp_ref(N * C, 0.f);
+  auto dw_ref = dw, db_ref = db;
+  cpu::MatmulBackward(cpu_, dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), inp.data(),
+                      w.data(), N, C, OC);
+  DeviceBuffer<float> d_inp(inp), d_w(w), d_dout(dout), d_dw(dw), d_db(db), d_dinp(N * C);
+  d_dinp.FillBytes(0xFF);
+  ASSERT_TRUE(cuda::MatmulBackward(ctx(), d_dinp.get(), d_dw.get(), d_db.get(),
+                                   static_cast<const float*>(d_dout.get()),
+                                   static_cast<const float*>(d_inp.get()),
+                                   static_cast<const float*>(d_w.get()), N, C, OC, overwrite)
+                  .ok());
+  ExpectAllClose("matmul dinp", d_dinp.Download(), dinp_ref, 1e-4f, kRtol32);
+  ExpectAllClose("matmul dweight", d_dw.Download(), dw_ref, 1e-4f, kRtol32);
+  ExpectAllClose("matmul dbias", d_db.Download(), db_ref, 1e-4f, kRtol32);
+
+  // Attention (T 512: position blocks and packed rows).
+  const int B = 1, T = 512, AC = 32, NH = 2;
+  auto qkv = RandomVector(B * T * 3 * AC, 137), ady = RandomVector(B * T * AC, 138);
+  std::vector<float> aout(B * T * AC), att(B * NH * T * T), datt(att.size());
+  std::vector<float> adinp_ref(B * T * 3 * AC, 0.f);
+  cpu::AttentionForward(cpu_, aout.data(), att.data(), qkv.data(), B, T, AC, NH);
+  cpu::AttentionBackward(cpu_, adinp_ref.data(), datt.data(), ady.data(), qkv.data(), att.data(), B,
+                         T, AC, NH);
+  DeviceBuffer<float> d_qkv(qkv), d_ady(ady), d_att(att), d_datt(datt.size()),
+      d_adinp(adinp_ref.size());
+  d_datt.FillBytes(0xFF);
+  d_adinp.FillBytes(0xFF);
+  ASSERT_TRUE(cuda::AttentionBackward(
+                  ctx(), d_adinp.get(), d_datt.get(), static_cast<const float*>(d_ady.get()),
+                  static_cast<const float*>(d_qkv.get()), static_cast<const float*>(d_att.get()), B,
+                  T, AC, NH, overwrite)
+                  .ok());
+  ExpectAllClose("attention dinp", d_adinp.Download(), adinp_ref, 1e-4f, kRtol32);
+}
+
 TEST_F(GpuOpsTest, SumOfSquaresAndSum) {
   const int64_t n = 1000003;
   auto x = RandomVector(n, 60);
