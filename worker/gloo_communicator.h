@@ -22,7 +22,11 @@
 //     that never calls the collective.
 //   - When an operation fails on this rank, the communicator closes all of its connections
 //     at once, so that ranks not adjacent to the failure (in Gloo's ring) also fail fast
-//     instead of waiting for their own timeout.
+//     instead of waiting for their own timeout. Not always: a rank blocked in a Gloo wait
+//     that no closed connection reaches (see Abort() below) fails at its op_timeout; seen
+//     once in 23 runs of the four-process test on a loaded 2-core machine. Abort()
+//     (what the coordinator's Prepare leads to) may not reach that wait either; op_timeout
+//     bounds it.
 //
 // What Abort() can and cannot do:
 //   - It makes the communicator's status kAborted, so every later operation returns at once.
