@@ -1231,7 +1231,7 @@ absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, floa
                                const float* mean, const float* rstd, int N, int C) {
   RETURN_IF_ERROR(CheckPositive("LayerNormBackward", {N, C}));
   const auto blocks = static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock));
-  if (PackedRow<Act>(C)) {
+  if (PackedRow<Act>(C) && Aligned16(dinp) && Aligned16(dout) && Aligned16(inp)) {
     WithRowPacks(C / RowPackWidth<Act>(), [&](auto packs) {
       LayerNormBackwardInputPackedKernel<Act, decltype(packs)::value>
           <<<blocks, kThreads, 0, ctx.stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);

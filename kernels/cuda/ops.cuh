@@ -77,8 +77,8 @@ absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, floa
 template <typename In, typename Out>
 absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* weight,
                            const float* bias, int N, int C, int OC);
-// dinp[N,C] += dout*weight; dweight[OC,C] += dout^T*inp; dbias[OC] += sum of dout rows.
-// dinp and dbias may be null (skipped).
+// dinp[N,C] += dout*weight (kOverwrite: dinp = ..., its old contents never read);
+// dweight[OC,C] += dout^T*inp; dbias[OC] += sum of dout rows. dinp and dbias may be null.
 template <typename Act>
 absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* dbias,
                             const Act* dout, const Act* inp, const Act* weight, int N, int C,
@@ -89,7 +89,8 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH);
-// dinp[B,T,3C] += ...; datt [B,NH,T,T] is scratch the kernel overwrites.
+// dinp[B,T,3C] += ... (kOverwrite: dinp = ..., its old contents never read); datt
+// [B,NH,T,T] is scratch the kernel overwrites.
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
                                const Act* inp, const Act* att, int B, int T, int C, int NH,
@@ -106,7 +107,7 @@ size_t AttentionScratchBytes(int B, int T, int C);
 // GELU, tanh approximation.
 template <typename Act>
 absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n);
-// dinp += gelu'(inp) * dout.
+// dinp += gelu'(inp) * dout (kOverwrite: dinp = ..., its old contents never read).
 template <typename Act>
 absl::Status GeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n,
                           GradWrite write = GradWrite::kAccumulate);
