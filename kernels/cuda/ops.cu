@@ -1141,6 +1141,17 @@ struct AttentionSetup {
   int chunk;
   std::vector<PositionBlock> causal;
 };
+
+// The chunk of batch elements from b0: its q|k|v and output layouts and its head count.
+struct AttentionChunkLayout {
+  HeadLayout qkv;
+  HeadLayout y;
+  int BH;
+};
+inline AttentionChunkLayout ChunkAt(const AttentionSetup& setup, int b0, int B, int T, int NH) {
+  const int bc = B - b0 < setup.chunk ? B - b0 : setup.chunk;
+  return {HeadLayout{b0, bc, T, 3, NH, setup.hs}, HeadLayout{b0, bc, T, 1, NH, setup.hs}, bc * NH};
+}
 template <typename Act>
 absl::StatusOr<AttentionSetup> SetUpAttention(const CudaContext& ctx, const char* op, int B, int T,
                                               int C, int NH, int slots) {
@@ -1300,10 +1311,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
   RETURN_IF_ERROR(arena.Take("AttentionForward", static_cast<int64_t>(3) * chunk * T * C, &qkv_h));
   RETURN_IF_ERROR(arena.Take("AttentionForward", static_cast<int64_t>(chunk) * T * C, &y_h));
   for (int b0 = 0; b0 < B; b0 += chunk) {
-    const int bc = B - b0 < chunk ? B - b0 : chunk;
-    const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
-    const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
-    const int BH = bc * NH;
+    const auto [qkv_layout, y_layout, BH] = ChunkAt(setup, b0, B, T, NH);
     RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
     const Act* q = qkv_h;
     const Act* k = q + qkv_layout.slot_size();
@@ -1350,10 +1358,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   RETURN_IF_ERROR(arena.Take("AttentionBackward", chunk_tc, &dy_h));
   RETURN_IF_ERROR(arena.Take("AttentionBackward", 3 * chunk_tc, &dqkv_h));
   for (int b0 = 0; b0 < B; b0 += chunk) {
-    const int bc = B - b0 < chunk ? B - b0 : chunk;
-    const HeadLayout qkv_layout{b0, bc, T, 3, NH, hs};
-    const HeadLayout y_layout{b0, bc, T, 1, NH, hs};
-    const int BH = bc * NH;
+    const auto [qkv_layout, y_layout, BH] = ChunkAt(setup, b0, B, T, NH);
     RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
     RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, dy_h, dout, y_layout));
     const int64_t slot = qkv_layout.slot_size();
