@@ -8,6 +8,7 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -68,35 +69,17 @@ template <typename Act>
 constexpr int RowPackWidth() {
   return kWarp * Pack<Act>::kN;
 }
-// Calls launch(std::integral_constant<int, P>) with P = packs, 1 <= packs <= kMaxRowPacks.
+// Calls launch(std::integral_constant<int, P>) with P = packs, 1 <= packs <= kMaxRowPacks
+// (any other value launches kMaxRowPacks: callers check PackedRow first).
+template <typename Launch, int... P>
+void WithRowPacksIn(int packs, Launch& launch, std::integer_sequence<int, P...>) {
+  const bool launched =
+      ((packs == P + 1 ? (launch(std::integral_constant<int, P + 1>()), true) : false) || ...);
+  if (!launched) launch(std::integral_constant<int, kMaxRowPacks>());
+}
 template <typename Launch>
 void WithRowPacks(int packs, Launch&& launch) {
-  switch (packs) {
-    case 1:
-      launch(std::integral_constant<int, 1>());
-      break;
-    case 2:
-      launch(std::integral_constant<int, 2>());
-      break;
-    case 3:
-      launch(std::integral_constant<int, 3>());
-      break;
-    case 4:
-      launch(std::integral_constant<int, 4>());
-      break;
-    case 5:
-      launch(std::integral_constant<int, 5>());
-      break;
-    case 6:
-      launch(std::integral_constant<int, 6>());
-      break;
-    case 7:
-      launch(std::integral_constant<int, 7>());
-      break;
-    default:
-      launch(std::integral_constant<int, 8>());
-      break;
-  }
+  WithRowPacksIn(packs, launch, std::make_integer_sequence<int, kMaxRowPacks>());
 }
 // Whether a row of `n` elements takes the packed path: whole packs, at most kMaxRowPacks.
 template <typename Act>
