@@ -18,8 +18,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
-#include "gloo/allreduce.h"
-#include "gloo/barrier.h"
 #include "gloo/broadcast.h"
 #include "gloo/common/error.h"
 #include "gloo/common/logging.h"
@@ -86,10 +84,10 @@ void SumInto<int64_t>(void* out, const void* a, const void* b, size_t n) {
   }
 }
 
-// The slot prefix of AllReduceFixedPoint's messages: distinct from Gloo's own collectives
-// (gloo/types.h uses 0x01-0x08), so with the per-call tag no other operation's message can
-// match its receives.
-constexpr uint8_t kFixedPointSlotPrefix = 0x53;
+// The slot prefix of the messages of this module's ring collectives (all-reduce, fixed-point
+// all-reduce, barrier): distinct from Gloo's own collectives (gloo/types.h uses 0x01-0x08),
+// so with the per-call tag no other operation's message can match their receives.
+constexpr uint8_t kRingSlotPrefix = 0x53;
 
 bool LooksLikeTimeout(const std::string& what) {
   const std::string lower = absl::AsciiStrToLower(what);
@@ -132,9 +130,9 @@ class GlooCommunicator : public Communicator {
   }
 
   // Ring reduce-scatter of the int64 sums, conversion of the slice this rank owns, ring
-  // all-gather of the floats, per segment of at most max_chunk_bytes_ of int64s (see
-  // RingFixedPoint). 12 bytes per element cross the wire per rank (x (W-1)/W) instead of the
-  // 16 of an int64 all-reduce, and each rank converts 1/W of the elements.
+  // all-gather of the floats, per segment of at most max_chunk_bytes_ of int64s. 12 bytes per
+  // element cross the wire per rank (x (W-1)/W) instead of the 16 of an int64 all-reduce, and each
+  // rank converts 1/W of the elements.
   absl::Status AllReduceFixedPoint(int64_t* acc, int64_t n, double factor, float* out) override {
     if (n < 0 || (n > 0 && (acc == nullptr || out == nullptr))) {
       return absl::InvalidArgumentError(
@@ -148,14 +146,10 @@ class GlooCommunicator : public Communicator {
     }
     const int64_t segment =
         std::max<int64_t>(world_size_, max_chunk_bytes_ / int64_t{sizeof(int64_t)});
-    std::vector<int64_t> scratch(
-        static_cast<size_t>((std::min(segment, n) + world_size_ - 1) / world_size_));
     for (int64_t offset = 0; offset < n; offset += segment) {
       const int64_t count = std::min(segment, n - offset);
-      status = RunGloo("all-reduce(fixed point)", [&] {
-        RingFixedPoint(acc + offset, count, factor, out + offset, scratch.data(),
-                       static_cast<int64_t>(scratch.size()));
-      });
+      status = RunGloo("all-reduce(fixed point)",
+                       [&] { RingFixedPoint(acc + offset, count, factor, out + offset); });
       if (!status.ok()) return status;
     }
     return absl::OkStatus();
@@ -193,12 +187,10 @@ class GlooCommunicator : public Communicator {
   absl::Status Barrier() override {
     absl::Status status = CheckUsable();
     if (!status.ok() || world_size_ == 1) return status;
-    return RunGloo("barrier", [&] {
-      gloo::BarrierOptions opts(context_);
-      opts.setTag(next_tag_++);
-      opts.setTimeout(ToMillis(op_timeout_));
-      gloo::barrier(opts);
-    });
+    // A ring all-reduce of one element: no rank can finish it before every rank has
+    // contributed.
+    int64_t one = 1;
+    return RunGloo("barrier", [&] { RingAllReduce<int64_t>(&one, 1); });
   }
 
   void Abort() override {
@@ -268,57 +260,111 @@ class GlooCommunicator : public Communicator {
     return {begin, base + (k < extra ? 1 : 0)};
   }
 
-  // One segment of AllReduceFixedPoint; throws Gloo's exceptions (RunGloo turns them into
-  // the sticky status) and returns early if a wait was aborted. Reduce-scatter: at step s,
-  // rank r sends its partial sum of slice (r - s - 1) to its right neighbour and adds the
-  // partial sum of slice (r - s - 2) that its left neighbour sends; after W - 1 steps it
-  // holds the complete sum of slice r. It converts that slice, then the all-gather: at step
-  // s it sends finished slice (r - s) to the right and receives slice (r - s - 1) from the
-  // left, straight into `out`. The integer sums are exact, so every rank ends with exactly
-  // FromFixedPoint of the plain sum, whatever the ring order. Messages on a link are
-  // matched in the order they are posted, and both ends skip the same empty slices.
-  void RingFixedPoint(int64_t* acc, int64_t count, double factor, float* out, int64_t* scratch,
-                      int64_t scratch_elements) {
-    const int w = world_size_;
-    const int right = (rank_ + 1) % w;
-    const int left = (rank_ + w - 1) % w;
+  // The ring collectives below post every receive and send on a user buffer or on
+  // scratch_, each registered with ActiveBuffer, never on a buffer inside Gloo: Abort()
+  // can then release every wait of an operation in flight, whatever state the transfer is
+  // in (Gloo's own all-reduce waits on an internal buffer that a peer lost in the middle of
+  // a message leaves blocked until the op timeout). They throw Gloo's exceptions (RunGloo
+  // turns them into the sticky status) and return false when a wait was aborted. Messages
+  // on a link are matched in the order they are posted, and both ends of a link skip the
+  // same empty slices.
+
+  // Reduce-scatter of `count` elements of `data`: at step s, rank r sends its partial sum of
+  // slice (r - s - 1) to its right neighbour and adds the partial sum of slice (r - s - 2)
+  // that its left neighbour sends (received into `scratch`, at least one slice long); after
+  // W - 1 steps it holds the complete sum of slice r.
+  template <typename T>
+  bool RingReduceScatter(T* data, int64_t count, gloo::transport::UnboundBuffer& data_buffer,
+                         T* scratch, gloo::transport::UnboundBuffer& scratch_buffer,
+                         uint64_t slot) {
+    const int right = (rank_ + 1) % world_size_;
+    const int left = (rank_ + world_size_ - 1) % world_size_;
     const std::chrono::milliseconds timeout = ToMillis(op_timeout_);
-    const uint64_t slot = gloo::Slot::build(kFixedPointSlotPrefix, next_tag_++);
+    for (int s = 0; s + 1 < world_size_; ++s) {
+      const auto [send_begin, send_len] = Slice(count, rank_ - s - 1);
+      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 2);
+      if (recv_len > 0) scratch_buffer.recv(left, slot, 0, recv_len * sizeof(T));
+      if (send_len > 0) {
+        data_buffer.send(right, slot, send_begin * sizeof(T), send_len * sizeof(T));
+      }
+      if (recv_len > 0 && !scratch_buffer.waitRecv(timeout)) return false;
+      if (send_len > 0 && !data_buffer.waitSend(timeout)) return false;
+      SumInto<T>(data + recv_begin, data + recv_begin, scratch, static_cast<size_t>(recv_len));
+    }
+    return true;
+  }
+
+  // All-gather of `count` elements of size `element_bytes` in `buffer`, where slice r is
+  // complete on rank r: at step s rank r sends finished slice (r - s) to the right and
+  // receives slice (r - s - 1) from the left, in place.
+  bool RingAllGather(int64_t count, size_t element_bytes, gloo::transport::UnboundBuffer& buffer,
+                     uint64_t slot) {
+    const int right = (rank_ + 1) % world_size_;
+    const int left = (rank_ + world_size_ - 1) % world_size_;
+    const std::chrono::milliseconds timeout = ToMillis(op_timeout_);
+    for (int s = 0; s + 1 < world_size_; ++s) {
+      const auto [send_begin, send_len] = Slice(count, rank_ - s);
+      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 1);
+      if (recv_len > 0)
+        buffer.recv(left, slot, recv_begin * element_bytes, recv_len * element_bytes);
+      if (send_len > 0)
+        buffer.send(right, slot, send_begin * element_bytes, send_len * element_bytes);
+      if (recv_len > 0 && !buffer.waitRecv(timeout)) return false;
+      if (send_len > 0 && !buffer.waitSend(timeout)) return false;
+    }
+    return true;
+  }
+
+  // scratch_ with room for at least `bytes`, as a buffer for one call.
+  std::unique_ptr<gloo::transport::UnboundBuffer> ScratchBuffer(int64_t bytes) {
+    if (scratch_bytes_ < bytes) {
+      scratch_ = std::make_unique<unsigned char[]>(static_cast<size_t>(bytes));
+      scratch_bytes_ = bytes;
+    }
+    return context_->createUnboundBuffer(scratch_.get(), static_cast<size_t>(scratch_bytes_));
+  }
+
+  // One ring all-reduce of `count` elements in place. The result has the same bits on every
+  // rank: each slice is summed once, on the way to its owner, and then copied.
+  template <typename T>
+  void RingAllReduce(T* data, int64_t count) {
+    const uint64_t slot = gloo::Slot::build(kRingSlotPrefix, next_tag_++);
+    std::unique_ptr<gloo::transport::UnboundBuffer> data_buffer =
+        context_->createUnboundBuffer(data, static_cast<size_t>(count) * sizeof(T));
+    std::unique_ptr<gloo::transport::UnboundBuffer> scratch_buffer =
+        ScratchBuffer(Slice(count, 0).second * int64_t{sizeof(T)});
+    ActiveBuffer active_data(this, data_buffer.get());
+    ActiveBuffer active_scratch(this, scratch_buffer.get());
+    if (!RingReduceScatter<T>(data, count, *data_buffer, reinterpret_cast<T*>(scratch_.get()),
+                              *scratch_buffer, slot)) {
+      return;
+    }
+    RingAllGather(count, sizeof(T), *data_buffer, slot);
+  }
+
+  // One segment of AllReduceFixedPoint: reduce-scatter of the int64 sums, conversion of the
+  // slice this rank owns into `out`, all-gather of the floats straight into `out`. The
+  // integer sums are exact, so every rank ends with exactly FromFixedPoint of the plain sum,
+  // whatever the ring order.
+  void RingFixedPoint(int64_t* acc, int64_t count, double factor, float* out) {
+    const uint64_t slot = gloo::Slot::build(kRingSlotPrefix, next_tag_++);
     std::unique_ptr<gloo::transport::UnboundBuffer> acc_buffer =
         context_->createUnboundBuffer(acc, static_cast<size_t>(count) * sizeof(int64_t));
-    std::unique_ptr<gloo::transport::UnboundBuffer> scratch_buffer = context_->createUnboundBuffer(
-        scratch, static_cast<size_t>(scratch_elements) * sizeof(int64_t));
+    std::unique_ptr<gloo::transport::UnboundBuffer> scratch_buffer =
+        ScratchBuffer(Slice(count, 0).second * int64_t{sizeof(int64_t)});
     std::unique_ptr<gloo::transport::UnboundBuffer> out_buffer =
         context_->createUnboundBuffer(out, static_cast<size_t>(count) * sizeof(float));
     ActiveBuffer active_acc(this, acc_buffer.get());
     ActiveBuffer active_scratch(this, scratch_buffer.get());
     ActiveBuffer active_out(this, out_buffer.get());
-
-    for (int s = 0; s + 1 < w; ++s) {
-      const auto [send_begin, send_len] = Slice(count, rank_ - s - 1);
-      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 2);
-      if (recv_len > 0) scratch_buffer->recv(left, slot, 0, recv_len * sizeof(int64_t));
-      if (send_len > 0) {
-        acc_buffer->send(right, slot, send_begin * sizeof(int64_t), send_len * sizeof(int64_t));
-      }
-      if (recv_len > 0 && !scratch_buffer->waitRecv(timeout)) return;  // aborted
-      if (send_len > 0 && !acc_buffer->waitSend(timeout)) return;
-      SumInto<int64_t>(acc + recv_begin, acc + recv_begin, scratch, static_cast<size_t>(recv_len));
+    if (!RingReduceScatter<int64_t>(acc, count, *acc_buffer,
+                                    reinterpret_cast<int64_t*>(scratch_.get()), *scratch_buffer,
+                                    slot)) {
+      return;
     }
     const auto [mine_begin, mine_len] = Slice(count, rank_);
     FromFixedPoint(acc + mine_begin, mine_len, factor, out + mine_begin);
-    for (int s = 0; s + 1 < w; ++s) {
-      const auto [send_begin, send_len] = Slice(count, rank_ - s);
-      const auto [recv_begin, recv_len] = Slice(count, rank_ - s - 1);
-      if (recv_len > 0) {
-        out_buffer->recv(left, slot, recv_begin * sizeof(float), recv_len * sizeof(float));
-      }
-      if (send_len > 0) {
-        out_buffer->send(right, slot, send_begin * sizeof(float), send_len * sizeof(float));
-      }
-      if (recv_len > 0 && !out_buffer->waitRecv(timeout)) return;
-      if (send_len > 0 && !out_buffer->waitSend(timeout)) return;
-    }
+    RingAllGather(count, sizeof(float), *out_buffer, slot);
   }
 
   template <typename T>
@@ -331,17 +377,7 @@ class GlooCommunicator : public Communicator {
     const int64_t chunk = std::max<int64_t>(1, max_chunk_bytes_ / int64_t{sizeof(T)});
     for (int64_t offset = 0; offset < n; offset += chunk) {
       const int64_t count = std::min(chunk, n - offset);
-      status = RunGloo(op, [&] {
-        gloo::AllreduceOptions opts(context_);
-        std::unique_ptr<gloo::transport::UnboundBuffer> buffer =
-            context_->createUnboundBuffer(data + offset, static_cast<size_t>(count) * sizeof(T));
-        ActiveBuffer active(this, buffer.get());
-        opts.setOutput<T>(std::move(buffer));
-        opts.setReduceFunction(&SumInto<T>);
-        opts.setTag(next_tag_++);
-        opts.setTimeout(ToMillis(op_timeout_));
-        gloo::allreduce(opts);
-      });
+      status = RunGloo(op, [&] { RingAllReduce<T>(data + offset, count); });
       if (!status.ok()) return status;
     }
     return absl::OkStatus();
@@ -423,6 +459,10 @@ class GlooCommunicator : public Communicator {
   // Owner thread only: the tag of the next Gloo call (distinct tags make a mismatched
   // collective sequence time out rather than mix data).
   uint32_t next_tag_ = 1;
+  // Owner thread only: the ring collectives' receive buffer (one slice of a segment; new[]
+  // aligns it for any element type), kept between calls.
+  std::unique_ptr<unsigned char[]> scratch_;
+  int64_t scratch_bytes_ = 0;
 
   std::atomic<bool> aborted_{false};
   mutable absl::Mutex mu_;

@@ -21,12 +21,22 @@
 //     "timed out" after op_timeout (per chunk of a large all-reduce). Tested with a rank
 //     that never calls the collective.
 //   - When an operation fails on this rank, the communicator closes all of its connections
-//     at once, so that ranks not adjacent to the failure (in Gloo's ring) also fail fast
-//     instead of waiting for their own timeout. Not always: a rank blocked in a Gloo wait
-//     that no closed connection reaches (see Abort() below) fails at its op_timeout; seen
-//     once in 23 runs of the four-process test on a loaded 2-core machine. Abort()
-//     (what the coordinator's Prepare leads to) may not reach that wait either; op_timeout
-//     bounds it.
+//     at once, so that ranks not adjacent to the failure (in the ring) also fail fast
+//     instead of waiting for their own timeout. Not always: Gloo 2022-05 does not fail a
+//     send still waiting for the peer's receive when that peer's connection closes, so a
+//     rank whose right neighbour died in that state, and the ranks waiting on it, fail only
+//     at op_timeout unless something calls Abort() (about 1 run in 40 of the four-process
+//     test on a loaded 2-core machine, where nothing does). In the worker the coordinator's
+//     Prepare leads to Abort(), which releases such a wait (below).
+//
+// The collectives: all-reduce (float, int64), the fixed-point all-reduce and the barrier are
+// this module's own ring (reduce-scatter, then all-gather) over Gloo's point-to-point
+// send/receive; broadcast is Gloo's. Every operation posts its sends and receives only on
+// the caller's buffers and on the communicator's own scratch buffer, all registered for
+// Abort(), never on a buffer inside Gloo that Abort() could not reach. The ring's result has
+// the same bits on every rank (each slice is summed once, then copied); the float sum order
+// depends on the world size and the rank (deterministic runs use the fixed-point all-reduce,
+// exact whatever the order).
 //
 // What Abort() can and cannot do:
 //   - It makes the communicator's status kAborted, so every later operation returns at once.
@@ -37,11 +47,13 @@
 //     within milliseconds (1-5 ms measured for all-reduce, broadcast and barrier with
 //     three ranks; closing each connection waits for a tick of Gloo's event loop, up to 10 ms, so
 //     this grows with the number of peers), and the peers see the connections close (kUnavailable).
-//     It also releases waits on this communicator's own user buffers.
-//   - It cannot interrupt the local reduction of the segment in progress (bounded by one
-//     1 MiB segment), nor a receive into Gloo's internal ring scratch buffer whose data had
-//     already started to arrive when Abort() ran (Gloo tracks that buffer in no pending
-//     list): such an operation returns when op_timeout expires, still with kAborted.
+//     It also releases every wait of the operation in flight (all on registered buffers,
+//     above), including a send or receive that a closed connection did not fail: tested with
+//     a peer stopped (SIGSTOP) or killed (SIGKILL) in the middle of a stream of 8 MiB
+//     all-reduces, every survivor released within milliseconds (tests/unit/worker/
+//     gloo_communicator_test.cc, AbortReleasesEveryRankWhenAPeerStopsOrDiesMidTransfer).
+//   - It cannot interrupt the local reduction of the slice in progress (bounded by one
+//     slice of a max_chunk_bytes segment).
 //   - It does not interrupt CreateGlooCommunicator (no communicator exists yet): use
 //     GlooOptions::cancelled for the rendezvous phase; the TCP connect phase is bounded by
 //     connect_timeout.

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -726,15 +727,23 @@ struct ChildReport {
   int32_t completed;  // completed all-reduces
 };
 
-// The body of child `rank`: never returns.
-// The children's op_timeout: the bound for a rank that does not see the failure through a
-// broken connection (see the test below).
-constexpr absl::Duration kChildOpTimeout = absl::Seconds(20);
+// How a child process runs its all-reduce loop.
+struct ChildPlan {
+  absl::Duration op_timeout;
+  int64_t elements;         // floats per all-reduce
+  int64_t max_chunk_bytes;  // GlooOptions::max_chunk_bytes
+  // Read end of a pipe from the parent, or -1: a byte on it makes a second thread call
+  // Abort(), as the worker does when the coordinator's Prepare arrives.
+  int abort_fd = -1;
+};
 
-[[noreturn]] void ChildMain(const std::string& dir, int rank, int world, int fd) {
+// The body of child `rank`: never returns.
+[[noreturn]] void ChildMain(const std::string& dir, int rank, int world, int fd,
+                            const ChildPlan& plan) {
   FileKeyValue kv(dir);
   GlooOptions options = TestOptions();
-  options.op_timeout = kChildOpTimeout;
+  options.op_timeout = plan.op_timeout;
+  options.max_chunk_bytes = plan.max_chunk_bytes;
   absl::StatusOr<std::unique_ptr<Communicator>> comm =
       CreateGlooCommunicator(kv, 1, rank, world, options);
   ChildReport report{'E', 0, 0, 0};
@@ -744,7 +753,14 @@ constexpr absl::Duration kChildOpTimeout = absl::Seconds(20);
     (void)!write(fd, &report, sizeof(report));
     _exit(2);
   }
-  std::vector<float> buf(1 << 18);
+  if (plan.abort_fd >= 0) {
+    Communicator* raw = comm->get();
+    std::thread([raw, abort_fd = plan.abort_fd] {
+      char byte;
+      if (read(abort_fd, &byte, 1) == 1) raw->Abort();
+    }).detach();
+  }
+  std::vector<float> buf(plan.elements);
   const absl::Time give_up = absl::Now() + absl::Seconds(120);
   while (absl::Now() < give_up) {
     std::fill(buf.begin(), buf.end(), static_cast<float>(rank + 1));
@@ -753,7 +769,8 @@ constexpr absl::Duration kChildOpTimeout = absl::Seconds(20);
       report.code = static_cast<int32_t>(status.code());
       break;
     }
-    if (buf.back() != static_cast<float>(world * (world + 1) / 2)) {
+    if (buf.front() != static_cast<float>(world * (world + 1) / 2) ||
+        buf.back() != static_cast<float>(world * (world + 1) / 2)) {
       report.code = -1;
       break;
     }
@@ -783,77 +800,133 @@ bool ReadReport(int fd, int64_t deadline_ns, ChildReport* report) {
   return true;
 }
 
+// Forks `world` children running ChildMain on one file key-value directory and owns them:
+// whatever happens in the test, the children are killed and reaped and the directory
+// removed when it goes out of scope. Construct it before the test creates any thread.
+class ChildGroup {
+ public:
+  ChildGroup(int world, ChildPlan plan, bool abort_pipes) : world_(world) {
+    // Writing to the pipe of a child that has exited must not kill the test.
+    signal(SIGPIPE, SIG_IGN);
+    dir_ = absl::StrCat(std::filesystem::temp_directory_path().string(), "/spotrain_gloo_kv_",
+                        getpid(), "_", MonotonicNanos());
+    if (!std::filesystem::create_directories(dir_)) {
+      error_ = "cannot create " + dir_;
+      return;
+    }
+    for (int r = 0; r < world; ++r) {
+      int report_pipe[2];
+      int abort_pipe[2] = {-1, -1};
+      if (pipe(report_pipe) != 0 || (abort_pipes && pipe(abort_pipe) != 0)) {
+        error_ = "pipe failed";
+        return;
+      }
+      const pid_t pid = fork();
+      if (pid < 0) {
+        error_ = "fork failed";
+        return;
+      }
+      if (pid == 0) {
+        close(report_pipe[0]);
+        if (abort_pipe[1] >= 0) close(abort_pipe[1]);
+        plan.abort_fd = abort_pipe[0];
+        ChildMain(dir_, r, world, report_pipe[1], plan);
+      }
+      close(report_pipe[1]);
+      if (abort_pipe[0] >= 0) close(abort_pipe[0]);
+      pids_.push_back(pid);
+      report_fds_.push_back(report_pipe[0]);
+      abort_fds_.push_back(abort_pipe[1]);
+    }
+  }
+  ~ChildGroup() {
+    for (pid_t pid : pids_) {
+      if (pid > 0) kill(pid, SIGKILL);
+    }
+    for (pid_t pid : pids_) {
+      if (pid > 0) waitpid(pid, nullptr, 0);
+    }
+    for (int fd : report_fds_) close(fd);
+    for (int fd : abort_fds_) {
+      if (fd >= 0) close(fd);
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  ChildGroup(const ChildGroup&) = delete;
+  ChildGroup& operator=(const ChildGroup&) = delete;
+
+  // Empty when every child was forked.
+  const std::string& error() const { return error_; }
+  pid_t pid(int rank) const { return pids_[rank]; }
+  int report_fd(int rank) const { return report_fds_[rank]; }
+
+  // Waits (generously) until every rank has completed a few all-reduces.
+  void ExpectAllRunning() {
+    const int64_t deadline = MonotonicNanos() + int64_t{90} * 1000000000;
+    for (int r = 0; r < world_; ++r) {
+      ChildReport report{};
+      ASSERT_TRUE(ReadReport(report_fds_[r], deadline, &report) && report.kind == 'R')
+          << "rank " << r << " did not start its all-reduce loop (code " << report.code << ")";
+    }
+  }
+
+  // Tells rank `rank` to Abort() its communicator (a coordinator's Prepare, in the worker).
+  // A rank that already ended has closed its end of the pipe: EPIPE (SIGPIPE is ignored).
+  void Abort(int rank) {
+    const char byte = 'A';
+    const ssize_t n = write(abort_fds_[rank], &byte, 1);
+    EXPECT_TRUE(n == 1 || (n < 0 && errno == EPIPE)) << "rank " << rank << ": " << strerror(errno);
+  }
+
+  // Reaps rank `rank`; returns its wait status.
+  int Reap(int rank) {
+    int status = 0;
+    EXPECT_EQ(waitpid(pids_[rank], &status, 0), pids_[rank]);
+    pids_[rank] = -1;
+    return status;
+  }
+
+ private:
+  const int world_;
+  std::string dir_;
+  std::string error_;
+  std::vector<pid_t> pids_;
+  std::vector<int> report_fds_;
+  std::vector<int> abort_fds_;
+};
+
+// The op_timeout of the children in the test below: the bound for a rank that does not see
+// the failure through a broken connection.
+constexpr absl::Duration kChildOpTimeout = absl::Seconds(20);
+
 TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers) {
   constexpr int kWorld = 4;
   constexpr int kVictim = 2;
-  const std::string dir = absl::StrCat(std::filesystem::temp_directory_path().string(),
-                                       "/spotrain_gloo_kv_", getpid(), "_", MonotonicNanos());
-  ASSERT_TRUE(std::filesystem::create_directories(dir));
-
-  // Fork every child before this process creates any thread. Whatever happens below, the
-  // children are killed and reaped and the directory removed when the test returns.
-  std::vector<pid_t> pids(kWorld, -1);
-  std::vector<int> fds(kWorld, -1);
-  struct Cleanup {
-    std::vector<pid_t>& pids;
-    std::vector<int>& fds;
-    const std::string& dir;
-    ~Cleanup() {
-      for (pid_t pid : pids) {
-        if (pid > 0) kill(pid, SIGKILL);
-      }
-      for (pid_t pid : pids) {
-        if (pid > 0) waitpid(pid, nullptr, 0);
-      }
-      for (int fd : fds) {
-        if (fd >= 0) close(fd);
-      }
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{pids, fds, dir};
-  for (int r = 0; r < kWorld; ++r) {
-    int p[2];
-    ASSERT_EQ(pipe(p), 0);
-    const pid_t pid = fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      close(p[0]);
-      ChildMain(dir, r, kWorld, p[1]);
-    }
-    close(p[1]);
-    pids[r] = pid;
-    fds[r] = p[0];
-  }
-
-  // Wait until every rank is in its all-reduce loop.
-  const int64_t start_deadline = MonotonicNanos() + int64_t{90} * 1000000000;
-  for (int r = 0; r < kWorld; ++r) {
-    ChildReport report{};
-    if (!ReadReport(fds[r], start_deadline, &report) || report.kind != 'R') {
-      FAIL() << "rank " << r << " did not start its all-reduce loop (code " << report.code << ")";
-    }
-  }
-  ASSERT_EQ(kill(pids[kVictim], SIGKILL), 0);
+  ChildGroup group(kWorld,
+                   ChildPlan{kChildOpTimeout, int64_t{1} << 18, GlooOptions().max_chunk_bytes},
+                   /*abort_pipes=*/false);
+  ASSERT_EQ(group.error(), "");
+  group.ExpectAllRunning();
+  if (HasFatalFailure()) return;
+  ASSERT_EQ(kill(group.pid(kVictim), SIGKILL), 0);
   const int64_t killed_ns = MonotonicNanos();
-  int status = 0;
-  ASSERT_EQ(waitpid(pids[kVictim], &status, 0), pids[kVictim]);
-  pids[kVictim] = -1;
+  int status = group.Reap(kVictim);
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
 
   // Every survivor fails with kUnavailable. The ranks exchanging data with the victim see
   // its connections break at once, and the first of them closes all its own connections, so
-  // the others normally fail within milliseconds too. Not always: an operation blocked in a
-  // Gloo wait that no closed connection reaches (worker/gloo_communicator.h) returns at its
-  // op_timeout (seen once in 23 runs on a loaded 2-core machine). So: at least one
-  // rank within 15 s, every rank within op_timeout plus a margin.
+  // the others normally fail within milliseconds too. Not always: a wait that no closed
+  // connection reaches (worker/gloo_communicator.h) returns at its op_timeout when nothing
+  // calls Abort(), as here. So: at least one rank within 15 s, every rank within op_timeout
+  // plus a margin. (With Abort(), as the worker does on a Prepare, see the next test.)
   const int64_t end_deadline = MonotonicNanos() + int64_t{90} * 1000000000;
   const double bound_s = absl::ToDoubleSeconds(kChildOpTimeout) + 30.0;
   double fastest_s = 1e9;
   for (int r = 0; r < kWorld; ++r) {
     if (r == kVictim) continue;
     ChildReport report{};
-    ASSERT_TRUE(ReadReport(fds[r], end_deadline, &report)) << "rank " << r << " hung";
+    ASSERT_TRUE(ReadReport(group.report_fd(r), end_deadline, &report)) << "rank " << r << " hung";
     EXPECT_EQ(report.kind, 'E');
     EXPECT_EQ(report.code, static_cast<int32_t>(absl::StatusCode::kUnavailable)) << "rank " << r;
     const double latency_s = (report.when_ns - killed_ns) / 1e9;
@@ -861,12 +934,59 @@ TEST(GlooCommunicatorMultiProcessTest, SigkilledPeerIsDetectedQuicklyByTheOthers
     EXPECT_LT(latency_s, bound_s) << "rank " << r;
     std::fprintf(stderr, "rank %d: kUnavailable %.1f ms after SIGKILL of rank %d\n", r,
                  latency_s * 1e3, kVictim);
-    ASSERT_EQ(waitpid(pids[r], &status, 0), pids[r]);
-    pids[r] = -1;
+    status = group.Reap(r);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << r;
   }
   // From the broken connections, not from the op timeout.
   EXPECT_LT(fastest_s, 15.0);
+}
+
+// A peer stopped (SIGSTOP: connections open, nothing sent) or killed (SIGKILL) at a random
+// point of a stream of large all-reduces, often in the middle of a message. Abort() on the
+// others, as the worker calls it when the coordinator's Prepare arrives, must release every
+// one of them whatever it was waiting for, long before their op_timeout: every wait of an
+// all-reduce is on a buffer the communicator registered, none inside Gloo that Abort()
+// cannot reach. (Without Abort(), a survivor of a SIGKILL can stay blocked until its
+// op_timeout: see the previous test.)
+TEST(GlooCommunicatorMultiProcessTest, AbortReleasesEveryRankWhenAPeerStopsOrDiesMidTransfer) {
+  constexpr int kWorld = 3;
+  constexpr absl::Duration kOpTimeout = absl::Seconds(300);
+  for (int round = 0; round < 4; ++round) {
+    const int victim = round % kWorld;
+    const int signal = round % 2 == 0 ? SIGSTOP : SIGKILL;
+    const char* signal_name = signal == SIGSTOP ? "SIGSTOP" : "SIGKILL";
+    SCOPED_TRACE(absl::StrCat("round ", round, ": ", signal_name, " of rank ", victim));
+    // 8 MiB all-reduces in 2 MiB chunks: most of the time is spent moving data.
+    ChildGroup group(kWorld, ChildPlan{kOpTimeout, int64_t{2} << 20, int64_t{2} << 20},
+                     /*abort_pipes=*/true);
+    ASSERT_EQ(group.error(), "");
+    group.ExpectAllRunning();
+    if (HasFatalFailure()) return;
+    ASSERT_EQ(kill(group.pid(victim), signal), 0);
+    const int64_t stopped_ns = MonotonicNanos();
+    for (int r = 0; r < kWorld; ++r) {
+      if (r != victim) group.Abort(r);
+    }
+    // Generous for a loaded machine, and far below the op_timeout that would otherwise end
+    // a wait Abort() could not reach.
+    const int64_t deadline = MonotonicNanos() + int64_t{120} * 1000000000;
+    for (int r = 0; r < kWorld; ++r) {
+      if (r == victim) continue;
+      ChildReport report{};
+      ASSERT_TRUE(ReadReport(group.report_fd(r), deadline, &report))
+          << "rank " << r << " was not released by Abort() within 120 s";
+      EXPECT_EQ(report.kind, 'E');
+      // kAborted, or kUnavailable when the other survivor's Abort() closed the connection
+      // first; never a wrong sum (-1) or a success.
+      EXPECT_TRUE(report.code == static_cast<int32_t>(absl::StatusCode::kAborted) ||
+                  report.code == static_cast<int32_t>(absl::StatusCode::kUnavailable))
+          << "rank " << r << ": code " << report.code;
+      std::fprintf(stderr, "round %d: rank %d returned %.1f ms after %s of rank %d\n", round, r,
+                   (report.when_ns - stopped_ns) / 1e6, signal_name, victim);
+      const int status = group.Reap(r);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << r;
+    }
+  }
 }
 
 }  // namespace
