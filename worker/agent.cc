@@ -272,6 +272,10 @@ class Agent {
   absl::Status RestoreFromCheckpoint(const proto::StateSource& source, Communicator& comm);
   // Snapshots this rank's shard and writes it in the background (reported when durable).
   void SaveCheckpoint(int64_t epoch, int rank, int world);
+  // The collective validation pass of this epoch's group; keeps the loss in last_val_loss_.
+  // False when it failed (reported to the coordinator unless an abort or a newer epoch
+  // interrupted it): the epoch is over for this worker.
+  bool EvaluateInEpoch(Communicator& comm, int64_t epoch);
   void PrintSummary();
 
   const AgentOptions& options_;
@@ -514,6 +518,14 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     // restarted before it could commit it): write it again with this epoch's ranks.
     SaveCheckpoint(plan.epoch(), rank, plan.world_size());
   }
+  if (plan.start_step() >= config_.steps()) {
+    // The epoch starts after the last step: a worker joined, or the group was rebuilt, as
+    // the run ended. Nothing is left to train, but a member that received the state here
+    // never evaluated it, and every worker's summary line carries the run's final
+    // validation loss: the group evaluates once (every rank sees the same start step, so
+    // all of them take part in this collective).
+    if (!EvaluateInEpoch(*comm, plan.epoch())) return absl::OkStatus();
+  }
   bool first_step = true;
   while (trainer_->step() < config_.steps()) {
     if (mailbox_.Interrupted(plan.epoch())) return absl::OkStatus();
@@ -547,16 +559,8 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
     const int64_t completed = trainer_->step();
     const bool last = completed == config_.steps();
     if (last || (config_.eval_every() > 0 && completed % config_.eval_every() == 0)) {
-      auto evaluated = trainer_->Evaluate(*comm);
-      if (!evaluated.ok()) {
-        if (comm->status().code() != absl::StatusCode::kAborted &&
-            !mailbox_.Interrupted(plan.epoch())) {
-          SendCollectiveFailed(plan.epoch(), evaluated.status());
-        }
-        return absl::OkStatus();
-      }
-      val = *evaluated;
-      last_val_loss_ = val;
+      if (!EvaluateInEpoch(*comm, plan.epoch())) return absl::OkStatus();
+      val = last_val_loss_;
     }
     if (last || completed % config_.log_every() == 0 || val >= 0) {
       std::string line = FormatProgressLine(*stats, config_.steps(), val);
@@ -676,6 +680,19 @@ absl::Status Agent::RestoreFromCheckpoint(const proto::StateSource& source, Comm
   return absl::OkStatus();
 }
 
+bool Agent::EvaluateInEpoch(Communicator& comm, int64_t epoch) {
+  absl::StatusOr<float> evaluated = trainer_->Evaluate(comm);
+  if (evaluated.ok()) {
+    last_val_loss_ = *evaluated;
+    return true;
+  }
+  // An abort or a newer epoch interrupted it: not a failure of this epoch's group.
+  if (comm.status().code() != absl::StatusCode::kAborted && !mailbox_.Interrupted(epoch)) {
+    SendCollectiveFailed(epoch, evaluated.status());
+  }
+  return false;
+}
+
 void Agent::PrintSummary() {
   if (summary_printed_) return;
   summary_printed_ = true;
@@ -744,7 +761,12 @@ absl::StatusOr<AgentResult> Agent::Run() {
     RETURN_IF_ERROR(Rejoin(options_.reconnect_timeout, /*force=*/true));
   }
   result.completed_steps = holds_state_ ? held_steps_.load() : -1;
-  if (result.run_done && holds_state_) result.state_digest = trainer_->StateDigest();
+  if (result.run_done && holds_state_) {
+    result.state_digest = trainer_->StateDigest();
+    // A worker that received the final state in an epoch the run's end cut short (before
+    // its evaluation) has printed no summary yet; the loss shows as n/a when unknown.
+    if (trainer_->step() >= config_.steps()) PrintSummary();
+  }
   return result;
 }
 

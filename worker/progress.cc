@@ -13,8 +13,10 @@ std::string FormatProgressLine(const StepStats& stats, int64_t total_steps, floa
 }
 
 std::string FormatSummaryLine(int64_t steps, float final_val_loss, const std::string& digest) {
-  return absl::StrFormat("done | steps %d | final val loss %.4f | state_digest %s", steps,
-                         final_val_loss, digest);
+  const std::string loss =
+      final_val_loss >= 0 ? absl::StrFormat("%.4f", final_val_loss) : std::string("n/a");
+  return absl::StrFormat("done | steps %d | final val loss %s | state_digest %s", steps, loss,
+                         digest);
 }
 
 }  // namespace spotrain::worker

@@ -15,6 +15,8 @@ namespace spotrain::worker {
 
 // `val_loss` < 0 means "not evaluated at this step".
 std::string FormatProgressLine(const StepStats& stats, int64_t total_steps, float val_loss);
+// `final_val_loss` < 0 prints as "n/a": a worker that received the final state but whose
+// evaluation of it the run's end cut short.
 std::string FormatSummaryLine(int64_t steps, float final_val_loss, const std::string& digest);
 
 }  // namespace spotrain::worker
