@@ -211,6 +211,11 @@ void CheckpointWriter::Run() {
     if (result.status.ok()) {
       SPOTRAIN_LOG(Info, "checkpoint shard %s written: %d floats, %.1f ms", result.path,
                    result.length, result.write_ms);
+    } else if (absl::IsAlreadyExists(result.status)) {
+      // Another group committed this step first (e.g. the final step, re-saved by a group
+      // formed as the run ended): the committed checkpoint stands, nothing was written.
+      SPOTRAIN_LOG(Info, "checkpoint step %d rank %d: already committed, shard not written (%s)",
+                   result.step, result.rank, std::string(result.status.message()));
     } else {
       SPOTRAIN_LOG(Error, "checkpoint step %d rank %d: %s", result.step, result.rank,
                    result.status.ToString());
