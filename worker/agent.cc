@@ -303,7 +303,10 @@ class Agent {
   absl::Mutex fatal_mu_;
   absl::Status fatal_ ABSL_GUARDED_BY(fatal_mu_);  // set by the heartbeat thread
   bool summary_printed_ = false;
+  // The last validation loss this worker's group computed, and the step of the state it was
+  // computed on (-1: none); the summary shows it only for the state the worker ends with.
   float last_val_loss_ = -1;
+  int64_t last_val_step_ = -1;
 };
 
 absl::Status Agent::Rejoin(absl::Duration timeout, bool force) {
@@ -511,20 +514,22 @@ absl::Status Agent::ExecutePlan(const proto::Plan& plan) {
                plan.epoch(), rank, plan.world_size(), plan.start_step(),
                proto::StateSource::Kind_Name(source.kind()), synced_ms);
 
+  if (plan.start_step() >= config_.steps()) {
+    // The epoch starts after the last step: a worker joined, or the group was rebuilt, as
+    // the run ended. Nothing is left to train, but a member that received the state here
+    // never evaluated it, and every worker's summary line carries the run's final
+    // validation loss: the group evaluates once (every rank sees the same start step, so
+    // all of them take part in this collective). Before the checkpoint below: its commit
+    // can end the run, and the Stop would abort this evaluation. If it fails, the next
+    // epoch comes to the same point again.
+    if (!EvaluateInEpoch(*comm, plan.epoch())) return absl::OkStatus();
+  }
   if (trainer_->step() >= config_.steps() && writer_ != nullptr &&
       !common::PathExists(common::JoinPath(
           StepDirectory(config_.checkpoint().dir(), trainer_->step()), "manifest.json"))) {
     // Training is complete but the final checkpoint is not committed (e.g. the coordinator
     // restarted before it could commit it): write it again with this epoch's ranks.
     SaveCheckpoint(plan.epoch(), rank, plan.world_size());
-  }
-  if (plan.start_step() >= config_.steps()) {
-    // The epoch starts after the last step: a worker joined, or the group was rebuilt, as
-    // the run ended. Nothing is left to train, but a member that received the state here
-    // never evaluated it, and every worker's summary line carries the run's final
-    // validation loss: the group evaluates once (every rank sees the same start step, so
-    // all of them take part in this collective).
-    if (!EvaluateInEpoch(*comm, plan.epoch())) return absl::OkStatus();
   }
   bool first_step = true;
   while (trainer_->step() < config_.steps()) {
@@ -684,6 +689,7 @@ bool Agent::EvaluateInEpoch(Communicator& comm, int64_t epoch) {
   absl::StatusOr<float> evaluated = trainer_->Evaluate(comm);
   if (evaluated.ok()) {
     last_val_loss_ = *evaluated;
+    last_val_step_ = trainer_->step();
     return true;
   }
   // An abort or a newer epoch interrupted it: not a failure of this epoch's group.
@@ -696,7 +702,8 @@ bool Agent::EvaluateInEpoch(Communicator& comm, int64_t epoch) {
 void Agent::PrintSummary() {
   if (summary_printed_) return;
   summary_printed_ = true;
-  std::string line = FormatSummaryLine(trainer_->step(), last_val_loss_, trainer_->StateDigest());
+  const float val = last_val_step_ == trainer_->step() ? last_val_loss_ : -1.0f;
+  std::string line = FormatSummaryLine(trainer_->step(), val, trainer_->StateDigest());
   std::fprintf(options_.progress, "%s\n", line.c_str());
   std::fflush(options_.progress);
 }

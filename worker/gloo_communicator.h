@@ -18,8 +18,8 @@
 //     and the other ranks' current or next operation fails with kUnavailable (measured
 //     14-57 ms after the SIGKILL, four processes, in the multi-process test).
 //   - A peer that stays connected but silent (a hung process, SIGSTOP): kUnavailable with
-//     "timed out" after op_timeout (per chunk of a large all-reduce). Tested with a rank
-//     that never calls the collective.
+//     "timed out" after op_timeout (per wait: one ring step of an all-reduce chunk, or one
+//     broadcast chunk). Tested with a rank that never calls the collective.
 //   - When an operation fails on this rank, the communicator closes all of its connections
 //     at once, so that ranks not adjacent to the failure (in the ring) also fail fast
 //     instead of waiting for their own timeout. Not always: Gloo 2022-05 does not fail a
@@ -86,7 +86,9 @@ struct GlooOptions {
   // separately, on the TCP connection set-up that follows it.
   absl::Duration connect_timeout = absl::Seconds(60);
   // A collective that makes no progress for this long fails with kUnavailable ("timed
-  // out"). Applies per Gloo call, i.e. per chunk of a large buffer.
+  // out"). Applies to each wait: one of the 2(W-1) ring steps of an all-reduce chunk, one
+  // broadcast chunk. A peer that keeps sending, slowly, can so stretch one chunk of an
+  // all-reduce up to 2(W-1) x op_timeout; the coordinator's heartbeats bound a hung peer.
   absl::Duration op_timeout = absl::Seconds(60);
   // Large all-reduces and broadcasts are issued as Gloo calls of at most this many bytes
   // (rounded down to whole elements), so that memory and per-call time stay bounded and

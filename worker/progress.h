@@ -13,7 +13,7 @@
 
 namespace spotrain::worker {
 
-// `val_loss` < 0 means "not evaluated at this step".
+// `val_loss` < 0 means "not evaluated at this step" (NaN prints as nan).
 std::string FormatProgressLine(const StepStats& stats, int64_t total_steps, float val_loss);
 // `final_val_loss` < 0 prints as "n/a": a worker that received the final state but whose
 // evaluation of it the run's end cut short.

@@ -2,6 +2,9 @@
 // parse.
 #include "worker/progress.h"
 
+#include <cmath>
+#include <string>
+
 #include "gtest/gtest.h"
 
 namespace spotrain::worker {
@@ -25,6 +28,18 @@ TEST(ProgressTest, SummaryLineCarriesTheFinalValidationLoss) {
             "done | steps 300 | final val loss 2.0123 | state_digest 3fa9");
   EXPECT_EQ(FormatSummaryLine(300, 0.0f, "3fa9"),
             "done | steps 300 | final val loss 0.0000 | state_digest 3fa9");
+}
+
+TEST(ProgressTest, DivergedValidationLossShowsAsNan) {
+  StepStats stats;
+  stats.step = 0;
+  stats.tokens = 1;
+  stats.step_ms = 1000;
+  const float nan = std::nanf("");
+  EXPECT_EQ(FormatSummaryLine(5, nan, "ab"),
+            "done | steps 5 | final val loss nan | state_digest ab");
+  EXPECT_NE(FormatProgressLine(stats, 5, nan).find(" | val nan | "), std::string::npos)
+      << FormatProgressLine(stats, 5, nan);
 }
 
 TEST(ProgressTest, UnknownFinalValidationLossIsNotANumber) {
