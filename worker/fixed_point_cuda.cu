@@ -1,6 +1,7 @@
 #include <climits>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch.h"
 #include "worker/fixed_point.h"
 #include "worker/fixed_point_cuda.h"
 
@@ -60,9 +61,11 @@ absl::Status DrainToFixedPointCuda(cudaStream_t stream, float* src, int64_t n, i
       cudaMemcpyAsync(scratch.first_bad, &none, sizeof(none), cudaMemcpyHostToDevice, stream));
   auto* acc_ll = reinterpret_cast<long long*>(acc);
   if (assign) {
-    DrainKernel<true><<<Blocks(n), kThreads, 0, stream>>>(src, n, acc_ll, scratch.first_bad);
+    SPOTRAIN_LAUNCH(Blocks(n), kThreads, stream, DrainKernel<true>)
+    (src, n, acc_ll, scratch.first_bad);
   } else {
-    DrainKernel<false><<<Blocks(n), kThreads, 0, stream>>>(src, n, acc_ll, scratch.first_bad);
+    SPOTRAIN_LAUNCH(Blocks(n), kThreads, stream, DrainKernel<false>)
+    (src, n, acc_ll, scratch.first_bad);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   unsigned long long bad = kNoneBad;
@@ -79,8 +82,8 @@ absl::Status DrainToFixedPointCuda(cudaStream_t stream, float* src, int64_t n, i
 absl::Status FromFixedPointCuda(cudaStream_t stream, const int64_t* acc, int64_t n, double factor,
                                 float* dst) {
   if (n <= 0) return absl::OkStatus();
-  FromFixedPointKernel<<<Blocks(n), kThreads, 0, stream>>>(reinterpret_cast<const long long*>(acc),
-                                                           n, factor / kFixedPointScale, dst);
+  SPOTRAIN_LAUNCH(Blocks(n), kThreads, stream, FromFixedPointKernel)
+  (reinterpret_cast<const long long*>(acc), n, factor / kFixedPointScale, dst);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

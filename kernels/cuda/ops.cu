@@ -15,6 +15,7 @@
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/gemm_plan.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/cuda/ops.cuh"
 
 namespace spotrain::kernels::cuda {
@@ -237,10 +238,12 @@ absl::Status ColumnReduce(CudaContext& ctx, const char* op, F f, float* out0, fl
   RETURN_IF_ERROR(arena.Take(op, static_cast<int64_t>(chunks) * cols, &partial));
   const dim3 grid(static_cast<unsigned int>(CeilDiv(cols, kColTile)), chunks);
   const dim3 block(kColTile, kColRows);
-  ColumnPartialKernel<<<grid, block, 0, ctx.stream()>>>(f, partial, N, cols, rows_per_chunk);
+  SPOTRAIN_LAUNCH(grid, block, ctx.stream(), ColumnPartialKernel)
+  (f, partial, N, cols, rows_per_chunk);
   CUDA_RETURN_IF_LAUNCH_ERROR();
-  ColumnFinishKernel<<<static_cast<unsigned int>(CeilDiv(cols, 256)), 256, 0, ctx.stream()>>>(
-      partial, out0, out1, cols, chunks);
+  SPOTRAIN_LAUNCH(static_cast<unsigned int>(CeilDiv(cols, 256)), 256, ctx.stream(),
+                  ColumnFinishKernel)
+  (partial, out0, out1, cols, chunks);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -972,9 +975,9 @@ absl::StatusOr<double> GlobalSum(CudaContext& ctx, const char* op, const float* 
   double* result = nullptr;
   RETURN_IF_ERROR(arena.Take(op, kSumBlocks, &partial));
   RETURN_IF_ERROR(arena.Take(op, 1, &result));
-  SumPartialKernel<kSquare><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(partial, x, n);
+  SPOTRAIN_LAUNCH(kSumBlocks, kSumThreads, ctx.stream(), SumPartialKernel<kSquare>)(partial, x, n);
   CUDA_RETURN_IF_LAUNCH_ERROR();
-  SumFinishKernel<<<1, 1024, 0, ctx.stream()>>>(result, partial, kSumBlocks);
+  SPOTRAIN_LAUNCH(1, 1024, ctx.stream(), SumFinishKernel)(result, partial, kSumBlocks);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   double host = 0.0;
   CUDA_RETURN_IF_ERROR(
@@ -1033,8 +1036,9 @@ bool PackedElementwise(CudaContext& ctx, int64_t n, std::initializer_list<const 
     if (!Aligned16(p)) return false;
   }
   const int64_t packs = n / kN;
-  PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(packs,
-                                                                                             op);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(packs, kThreads), kThreads, ctx.stream(),
+                  PackedElementwiseKernel)
+  (packs, op);
   return true;
 }
 
@@ -1087,12 +1091,13 @@ absl::Status CopyHeads(CudaContext& ctx, Act* dst, const Act* src, const HeadLay
   constexpr int kN = Pack<Act>::kN;
   if (layout.hs % kN == 0 && Aligned16(dst) && Aligned16(src)) {
     const int64_t packs = layout.size() / kN;
-    PackedElementwiseKernel<<<ElementwiseBlocks(packs, kThreads), kThreads, 0, ctx.stream()>>>(
-        packs, HeadCopyPack<Act, kN, kMode>{dst, src, layout});
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(packs, kThreads), kThreads, ctx.stream(),
+                    PackedElementwiseKernel)
+    (packs, HeadCopyPack<Act, kN, kMode>{dst, src, layout});
   } else {
-    PackedElementwiseKernel<<<ElementwiseBlocks(layout.size(), kThreads), kThreads, 0,
-                              ctx.stream()>>>(layout.size(),
-                                              HeadCopyPack<Act, 1, kMode>{dst, src, layout});
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(layout.size(), kThreads), kThreads, ctx.stream(),
+                    PackedElementwiseKernel)
+    (layout.size(), HeadCopyPack<Act, 1, kMode>{dst, src, layout});
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1155,8 +1160,8 @@ absl::Status EncoderForward(CudaContext& ctx, Act* out, const int32_t* inp, cons
                             const float* wpe, int B, int T, int C) {
   RETURN_IF_ERROR(CheckPositive("EncoderForward", {B, T, C}));
   const int64_t total = static_cast<int64_t>(B) * T * C;
-  EncoderForwardKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(
-      out, inp, wte, wpe, T, C, total);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(total, kThreads), kThreads, ctx.stream(), EncoderForwardKernel)
+  (out, inp, wte, wpe, T, C, total);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1166,8 +1171,9 @@ absl::Status EncoderBackward(CudaContext& ctx, float* dwte, float* dwpe, const A
                              const int32_t* inp, int B, int T, int C, int Vp) {
   RETURN_IF_ERROR(CheckPositive("EncoderBackward", {B, T, C, Vp}));
   const int N = B * T;
-  PositionGradKernel<<<static_cast<unsigned int>(CeilDiv(static_cast<int64_t>(T) * C, kThreads)),
-                       kThreads, 0, ctx.stream()>>>(dwpe, dout, B, T, C);
+  SPOTRAIN_LAUNCH(static_cast<unsigned int>(CeilDiv(static_cast<int64_t>(T) * C, kThreads)),
+                  kThreads, ctx.stream(), PositionGradKernel)
+  (dwpe, dout, B, T, C);
   CUDA_RETURN_IF_LAUNCH_ERROR();
 
   // Stable radix sort of (token id, position): equal tokens end up adjacent, in position
@@ -1187,16 +1193,17 @@ absl::Status EncoderBackward(CudaContext& ctx, float* dwte, float* dwpe, const A
                                                        ctx.stream()));
   char* temp = nullptr;
   RETURN_IF_ERROR(arena.Take("EncoderBackward", static_cast<int64_t>(temp_bytes), &temp));
-  IotaKernel<<<static_cast<unsigned int>(CeilDiv(N, kThreads)), kThreads, 0, ctx.stream()>>>(
-      positions, N);
+  SPOTRAIN_LAUNCH(static_cast<unsigned int>(CeilDiv(N, kThreads)), kThreads, ctx.stream(),
+                  IotaKernel)
+  (positions, N);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, inp, sorted_tokens,
                                                        positions, sorted_positions, N, 0, end_bit,
                                                        ctx.stream()));
   const int threads = C < kThreads ? static_cast<int>(CeilDiv(C, kWarp)) * kWarp : kThreads;
   const dim3 grid(N, static_cast<unsigned int>(CeilDiv(C, threads)));
-  TokenGradKernel<<<grid, threads, 0, ctx.stream()>>>(dwte, dout, sorted_tokens, sorted_positions,
-                                                      N, C);
+  SPOTRAIN_LAUNCH(grid, threads, ctx.stream(), TokenGradKernel)
+  (dwte, dout, sorted_tokens, sorted_positions, N, C);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1208,12 +1215,13 @@ absl::Status LayerNormForward(CudaContext& ctx, Act* out, float* mean, float* rs
   const auto blocks = static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock));
   if (PackedRow<Act>(C) && Aligned16(inp) && Aligned16(out)) {
     WithRowPacks(C / RowPackWidth<Act>(), [&](auto packs) {
-      LayerNormForwardPackedKernel<Act, decltype(packs)::value>
-          <<<blocks, kThreads, 0, ctx.stream()>>>(out, mean, rstd, inp, weight, bias, N, C);
+      SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(),
+                      LayerNormForwardPackedKernel<Act, decltype(packs)::value>)
+      (out, mean, rstd, inp, weight, bias, N, C);
     });
   } else {
-    LayerNormForwardKernel<<<blocks, kThreads, 0, ctx.stream()>>>(out, mean, rstd, inp, weight,
-                                                                  bias, N, C);
+    SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(), LayerNormForwardKernel)
+    (out, mean, rstd, inp, weight, bias, N, C);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1227,12 +1235,13 @@ absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, floa
   const auto blocks = static_cast<unsigned int>(CeilDiv(N, kRowsPerBlock));
   if (PackedRow<Act>(C) && Aligned16(dinp) && Aligned16(dout) && Aligned16(inp)) {
     WithRowPacks(C / RowPackWidth<Act>(), [&](auto packs) {
-      LayerNormBackwardInputPackedKernel<Act, decltype(packs)::value>
-          <<<blocks, kThreads, 0, ctx.stream()>>>(dinp, dout, inp, weight, mean, rstd, N, C);
+      SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(),
+                      LayerNormBackwardInputPackedKernel<Act, decltype(packs)::value>)
+      (dinp, dout, inp, weight, mean, rstd, N, C);
     });
   } else {
-    LayerNormBackwardInputKernel<<<blocks, kThreads, 0, ctx.stream()>>>(dinp, dout, inp, weight,
-                                                                        mean, rstd, N, C);
+    SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(), LayerNormBackwardInputKernel)
+    (dinp, dout, inp, weight, mean, rstd, N, C);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return ColumnReduce(ctx, "LayerNormBackward", LayerNormParamGrads<Act>{dout, inp, mean, rstd, C},
@@ -1248,8 +1257,8 @@ absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* 
     const int64_t total = static_cast<int64_t>(N) * OC;
     if (OC % Pack<Out>::kN != 0 ||
         !PackedElementwise<Out>(ctx, total, {out}, AddBiasPack<Out>{out, bias, OC})) {
-      AddBiasKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(out, bias,
-                                                                                       OC, total);
+      SPOTRAIN_LAUNCH(ElementwiseBlocks(total, kThreads), kThreads, ctx.stream(), AddBiasKernel)
+      (out, bias, OC, total);
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
   }
@@ -1307,11 +1316,12 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
     const auto row_blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
     if (PackedRow<Act>(T) && Aligned16(att_chunk)) {
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
-        CausalSoftmaxPackedKernel<Act, decltype(packs)::value>
-            <<<row_blocks, kThreads, 0, ctx.stream()>>>(att_chunk, rows, T);
+        SPOTRAIN_LAUNCH(row_blocks, kThreads, ctx.stream(),
+                        CausalSoftmaxPackedKernel<Act, decltype(packs)::value>)
+        (att_chunk, rows, T);
       });
     } else {
-      CausalSoftmaxKernel<<<row_blocks, kThreads, 0, ctx.stream()>>>(att_chunk, rows, T);
+      SPOTRAIN_LAUNCH(row_blocks, kThreads, ctx.stream(), CausalSoftmaxKernel)(att_chunk, rows, T);
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     for (const PositionBlock& blk : causal) {
@@ -1364,12 +1374,13 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
     const auto blocks = static_cast<unsigned int>(CeilDiv(rows, kRowsPerBlock));
     if (PackedRow<Act>(T) && Aligned16(att_chunk) && Aligned16(datt_chunk)) {
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
-        CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>
-            <<<blocks, kThreads, 0, ctx.stream()>>>(datt_chunk, att_chunk, rows, T);
+        SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(),
+                        CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>)
+        (datt_chunk, att_chunk, rows, T);
       });
     } else {
-      CausalSoftmaxBackwardKernel<<<blocks, kThreads, 0, ctx.stream()>>>(datt_chunk, att_chunk,
-                                                                         rows, T);
+      SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(), CausalSoftmaxBackwardKernel)
+      (datt_chunk, att_chunk, rows, T);
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     const Act* dscores = datt_chunk;
@@ -1395,7 +1406,8 @@ template <typename Act>
 absl::Status GeluForward(CudaContext& ctx, Act* out, const Act* inp, int64_t n) {
   if (n <= 0) return absl::OkStatus();
   if (!PackedElementwise<Act>(ctx, n, {out, inp}, GeluForwardPack<Act>{out, inp})) {
-    GeluForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, inp, n);
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), GeluForwardKernel)
+    (out, inp, n);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1405,8 +1417,9 @@ template <typename Act, bool kOverwrite>
 void LaunchGeluBackward(CudaContext& ctx, Act* dinp, const Act* inp, const Act* dout, int64_t n) {
   if (!PackedElementwise<Act>(ctx, n, {dinp, inp, dout},
                               GeluBackwardPack<Act, kOverwrite>{dinp, inp, dout})) {
-    GeluBackwardKernel<Act, kOverwrite>
-        <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dinp, inp, dout, n);
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(),
+                    GeluBackwardKernel<Act, kOverwrite>)
+    (dinp, inp, dout, n);
   }
 }
 
@@ -1427,8 +1440,8 @@ template <typename Act>
 absl::Status ResidualForward(CudaContext& ctx, Act* out, const Act* a, const Act* b, int64_t n) {
   if (n <= 0) return absl::OkStatus();
   if (!PackedElementwise<Act>(ctx, n, {out, a, b}, ResidualForwardPack<Act>{out, a, b})) {
-    ResidualForwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(out, a, b,
-                                                                                         n);
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), ResidualForwardKernel)
+    (out, a, b, n);
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1445,11 +1458,13 @@ absl::Status LaunchBiasOp(CudaContext& ctx, const char* op, int N, int C,
   for (const void* p : pointers) packed = packed && Aligned16(p);
   const int64_t total = static_cast<int64_t>(N) * C;
   if (packed) {
-    PackedElementwiseKernel<<<ElementwiseBlocks(total / kN, kThreads), kThreads, 0, ctx.stream()>>>(
-        total / kN, Op<Act, kN>{args..., C});
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(total / kN, kThreads), kThreads, ctx.stream(),
+                    PackedElementwiseKernel)
+    (total / kN, Op<Act, kN>{args..., C});
   } else {
-    PackedElementwiseKernel<<<ElementwiseBlocks(total, kThreads), kThreads, 0, ctx.stream()>>>(
-        total, Op<Act, 1>{args..., C});
+    SPOTRAIN_LAUNCH(ElementwiseBlocks(total, kThreads), kThreads, ctx.stream(),
+                    PackedElementwiseKernel)
+    (total, Op<Act, 1>{args..., C});
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1471,8 +1486,8 @@ absl::Status BiasGeluForward(CudaContext& ctx, Act* out, Act* pre, const float* 
 template <typename Act>
 absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dout, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  ResidualBackwardKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(da, db,
-                                                                                        dout, n);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), ResidualBackwardKernel)
+  (da, db, dout, n);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1482,8 +1497,8 @@ absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, 
   RETURN_IF_ERROR(CheckPositive("CrossEntropyForward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForward: V > Vp");
   const bool vec = Vp % 4 == 0 && Aligned16(logits);
-  CrossEntropyForwardKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(losses, stats, logits, targets,
-                                                                     V, Vp, vec);
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel)
+  (losses, stats, logits, targets, V, Vp, vec);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1506,8 +1521,8 @@ absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* l
   }
   const bool vec = Vp % 4 == 0 && Aligned16(logits) &&
                    reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(Act)) == 0;
-  CrossEntropyBackwardKernel<<<N, kSoftmaxThreads, 0, ctx.stream()>>>(
-      dlogits, logits, stats, targets, dloss_scale, V, Vp, vec);
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyBackwardKernel)
+  (dlogits, logits, stats, targets, dloss_scale, V, Vp, vec);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1527,25 +1542,25 @@ absl::Status AdamWUpdate(CudaContext& ctx, float* params, const float* grads, fl
   // Reciprocal bias corrections computed in double and rounded once, as the CPU does.
   const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta1), p.t)));
   const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(p.beta2), p.t)));
-  AdamWKernel<<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(
-      params, grads, m, v, decay_mask, n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay,
-      p.grad_scale, c1, c2);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), AdamWKernel)
+  (params, grads, m, v, decay_mask, n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_scale,
+   c1, c2);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
 absl::Status CastToBf16(CudaContext& ctx, bf16* dst, const float* src, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  CastKernel<float, bf16>
-      <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), CastKernel<float, bf16>)
+  (dst, src, n);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
 absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t n) {
   if (n <= 0) return absl::OkStatus();
-  CastKernel<bf16, float>
-      <<<ElementwiseBlocks(n, kThreads), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  SPOTRAIN_LAUNCH(ElementwiseBlocks(n, kThreads), kThreads, ctx.stream(), CastKernel<bf16, float>)
+  (dst, src, n);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

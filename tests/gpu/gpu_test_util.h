@@ -34,6 +34,18 @@ inline std::string GpuUnavailableReason() {
     if (!spotrain_reason_.empty()) GTEST_SKIP() << spotrain_reason_;                      \
   } while (0)
 
+// In a test body: skips a test the CPU emulator of the CUDA code (tests/emulation/) would take
+// too long over (it runs the same binaries' code on the host, a few GFLOP/s), saying why. No
+// effect in a real GPU build.
+#if defined(SPOTRAIN_CUDA_EMULATION)
+#define SPOTRAIN_SKIP_UNDER_EMULATION(why) \
+  GTEST_SKIP() << "too large for the CPU emulator of the CUDA code: " << why
+#else
+#define SPOTRAIN_SKIP_UNDER_EMULATION(why) \
+  do {                                     \
+  } while (0)
+#endif
+
 // A device array of n elements of X; freed on destruction. Errors fail the test.
 template <typename X>
 class DeviceBuffer {

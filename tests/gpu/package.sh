@@ -11,7 +11,7 @@
 # Build first, e.g.:
 #   cmake -S . -B build-cuda -G Ninja -DSPOTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
 #   ninja -C build-cuda gpu_ops_test gpu_cuda_model_test \
-#     gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train spotrain-worker \
+#     gpu_nccl_communicator_test gpu_device_test gpu_fixed_point_cuda_test spotrain-gpu-train spotrain-worker \
 #     spotrain-coordinator spotrain
 set -euo pipefail
 cd "$(dirname "$0")/../.."

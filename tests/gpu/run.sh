@@ -64,7 +64,7 @@ else
   if ! cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPOTRAIN_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/build.log" 2>&1 ||
      ! ninja -C "$build" gpu_ops_test gpu_cuda_model_test \
-      gpu_nccl_communicator_test gpu_device_test spotrain-gpu-train spotrain-worker \
+      gpu_nccl_communicator_test gpu_device_test gpu_fixed_point_cuda_test spotrain-gpu-train spotrain-worker \
       spotrain-coordinator spotrain >>"$out/build.log" 2>&1; then
     tail -30 "$out/build.log"
     echo "build failed (log: $out/build.log). On a machine without Debian's gRPC/protobuf/Abseil," >&2
