@@ -3,6 +3,7 @@
 // over host memory. Work is synchronous: a stream is a name, synchronising is a no-op.
 #include "tests/emulation/cuda_emulation.h"
 
+#include <cblas.h>
 #include <cublas_v2.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -14,7 +15,6 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -155,10 +155,14 @@ struct Execution {
   std::vector<Fiber> fibers;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
-  std::vector<std::array<uint64_t, kWarp>> warp_slots;
+  // Two slot sets per warp, used by alternate shuffles: one barrier per shuffle suffices, as
+  // no lane can write a set again before every lane has passed the barrier after reading it.
+  std::vector<std::array<std::array<uint64_t, kWarp>, 2>> warp_slots;
+  std::vector<int> warp_exited;      // lanes of each warp that have exited
+  std::vector<uint8_t> lane_parity;  // per thread: which slot set its next shuffle uses
   Fiber* current = nullptr;
   Context scheduler;
-  std::mt19937 rng;
+  uint64_t rng = 0;  // xorshift64 state, for the run order
 };
 
 std::mutex g_launch_mutex;
@@ -181,6 +185,21 @@ std::string Where(const Execution& e) {
                 e.block_idx.x, e.block_idx.y, e.block_idx.z, e.grid.x, e.grid.y, e.grid.z,
                 e.threads);
   return buf;
+}
+
+uint64_t NextRandom(uint64_t& state) {
+  state ^= state << 13;
+  state ^= state >> 7;
+  state ^= state << 17;
+  return state;
+}
+
+// Fisher-Yates with xorshift64: the run order of a block's ready threads (cheap: it is
+// drawn at every barrier).
+void Shuffle(std::vector<int>& order, uint64_t& state) {
+  for (size_t i = order.size(); i > 1; --i) {
+    std::swap(order[i - 1], order[NextRandom(state) % i]);
+  }
 }
 
 void ReleaseAll(Barrier& b) {
@@ -213,6 +232,7 @@ void Arrive(Barrier& b, int expected, WaitKind kind) {
   Fiber* self = e.current;
   self->state = FiberState::kDone;
   --e.live;
+  ++e.warp_exited[self->linear / kWarp];
   // __syncthreads waits for the threads that have not exited.
   if (e.block_barrier.arrived > 0 && e.block_barrier.arrived >= e.live) ReleaseAll(e.block_barrier);
   SwitchContext(self->context, e.scheduler);  // never resumed
@@ -225,6 +245,8 @@ void RunBlock(Execution& e) {
   const int warps = (e.threads + kWarp - 1) / kWarp;
   e.warp_barriers.assign(warps, Barrier());
   e.warp_slots.assign(warps, {});
+  e.warp_exited.assign(warps, 0);
+  e.lane_parity.assign(e.threads, 0);
   for (int t = 0; t < e.threads; ++t) {
     Fiber& f = e.fibers[t];
     f.linear = t;
@@ -237,7 +259,7 @@ void RunBlock(Execution& e) {
   std::vector<int> order(e.threads);
   for (int t = 0; t < e.threads; ++t) order[t] = t;
   while (e.live > 0) {
-    std::shuffle(order.begin(), order.end(), e.rng);
+    Shuffle(order, e.rng);
     bool ran = false;
     for (int t : order) {
       Fiber& f = e.fibers[t];
@@ -286,18 +308,16 @@ void WarpShuffleXor(unsigned mask, const void* in, void* out, size_t bytes, int 
   if (bytes > sizeof(uint64_t)) Fatal(Where(e) + ": a shuffle of more than 8 bytes");
   const int warp = e.current->linear / kWarp;
   const int lane = e.current->linear % kWarp;
-  for (int l = 0; l < kWarp; ++l) {
-    if (e.fibers[warp * kWarp + l].state == FiberState::kDone) {
-      Fatal(Where(e) + ": warp " + std::to_string(warp) + " shuffles with lane " +
-            std::to_string(l) + ", which has exited");
-    }
+  if (e.warp_exited[warp] > 0) {
+    Fatal(Where(e) + ": warp " + std::to_string(warp) + " shuffles after " +
+          std::to_string(e.warp_exited[warp]) + " of its lanes have exited");
   }
-  std::array<uint64_t, kWarp>& slots = e.warp_slots[warp];
+  uint8_t& parity = e.lane_parity[e.current->linear];
+  std::array<uint64_t, kWarp>& slots = e.warp_slots[warp][parity];
+  parity ^= 1;
   std::memcpy(&slots[lane], in, bytes);
   Arrive(e.warp_barriers[warp], kWarp, WaitKind::kWarpBarrier);
   std::memcpy(out, &slots[(lane ^ lane_mask) & (kWarp - 1)], bytes);
-  // Nobody overwrites its slot before every lane has read.
-  Arrive(e.warp_barriers[warp], kWarp, WaitKind::kWarpBarrier);
 }
 
 void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()>& thread_body) {
@@ -324,7 +344,7 @@ void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()
   e.block = block;
   e.threads = static_cast<int>(threads);
   e.fibers.resize(e.threads);
-  e.rng.seed(Seed());
+  e.rng = 0x9e3779b97f4a7c15ull ^ Seed();
   g_exec = &e;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
@@ -354,6 +374,7 @@ struct Allocation {
   size_t mapped;  // bytes mapped
 };
 std::vector<Allocation> g_allocations;
+std::vector<void*> g_host_allocations;
 cudaError_t g_last_error = cudaSuccess;
 
 }  // namespace
@@ -425,6 +446,52 @@ cudaError_t cudaFree(void* ptr) {
   return g_last_error = cudaErrorInvalidValue;
 }
 
+cudaError_t cudaMallocHost(void** ptr, size_t size) {
+  *ptr = std::aligned_alloc(256, (std::max<size_t>(size, 1) + 255) / 256 * 256);
+  if (*ptr == nullptr) return g_last_error = cudaErrorMemoryAllocation;
+  std::lock_guard<std::mutex> lock(g_memory_mutex);
+  g_host_allocations.push_back(*ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void* ptr) {
+  std::lock_guard<std::mutex> lock(g_memory_mutex);
+  for (size_t i = 0; i < g_host_allocations.size(); ++i) {
+    if (g_host_allocations[i] != ptr) continue;
+    g_host_allocations[i] = g_host_allocations.back();
+    g_host_allocations.pop_back();
+    std::free(ptr);
+    return cudaSuccess;
+  }
+  return g_last_error = cudaErrorInvalidValue;
+}
+
+// Device memory is what cudaMalloc returned (any address inside it), pinned host memory
+// what cudaMallocHost returned; anything else is unregistered host memory, as CUDA says.
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {
+  std::memset(attributes, 0, sizeof(*attributes));
+  attributes->type = cudaMemoryTypeUnregistered;
+  attributes->device = -1;
+  const char* p = static_cast<const char*>(ptr);
+  std::lock_guard<std::mutex> lock(g_memory_mutex);
+  for (const Allocation& a : g_allocations) {
+    const char* begin = static_cast<const char*>(a.ptr);
+    if (p < begin || p >= begin + a.bytes) continue;
+    attributes->type = cudaMemoryTypeDevice;
+    attributes->device = 0;
+    attributes->devicePointer = const_cast<void*>(ptr);
+    return cudaSuccess;
+  }
+  for (void* h : g_host_allocations) {
+    if (h != ptr) continue;
+    attributes->type = cudaMemoryTypeHost;
+    attributes->device = 0;
+    attributes->hostPointer = const_cast<void*>(ptr);
+    attributes->devicePointer = const_cast<void*>(ptr);
+  }
+  return cudaSuccess;
+}
+
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   std::lock_guard<std::mutex> lock(g_memory_mutex);
   *free_bytes = kEmulatedMemory - g_allocated;
@@ -463,6 +530,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) { return cudaSuccess; }
+cudaError_t cudaStreamQuery(cudaStream_t /*stream*/) { return cudaSuccess; }
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 
 cudaError_t cudaGetLastError() {
@@ -507,8 +575,7 @@ const char* cudaGetErrorString(cudaError_t error) {
 
 // ---- cuBLAS ------------------------------------------------------------------------------
 // The products as cuBLAS defines them (column-major; op(A) m x k, op(B) k x n, C m x n; beta 0
-// means C is not read), computed in fp32 with a fixed order: each output is 8 interleaved
-// partial sums over k, added in order.
+// means C is not read), computed in fp32 by OpenBLAS on the operands converted to fp32.
 
 struct cublasContext {
   cublasMath_t math = CUBLAS_DEFAULT_MATH;
@@ -590,8 +657,11 @@ cublasStatus_t cublasGemmStridedBatchedEx(
   const float a_scale = *static_cast<const float*>(alpha);
   const float b_scale = *static_cast<const float*>(beta);
   // op(A) as rows of k and op(B) as columns of k, so that each output is a contiguous dot.
-  std::vector<float> arows(static_cast<size_t>(m) * k);
-  std::vector<float> bcols(static_cast<size_t>(n) * k);
+  // Kept between calls: fresh pages for the large products cost more than the products.
+  static thread_local std::vector<float> arows, bcols, out;
+  arows.resize(static_cast<size_t>(m) * k);
+  bcols.resize(static_cast<size_t>(n) * k);
+  out.resize(static_cast<size_t>(m) * n);
   for (int batch = 0; batch < batchCount; ++batch) {
     const int64_t a0 = batch * strideA;
     const int64_t b0 = batch * strideB;
@@ -612,25 +682,29 @@ cublasStatus_t cublasGemmStridedBatchedEx(
         bcols[static_cast<size_t>(j) * k + l] = tf32 ? ToTf32(v) : v;
       }
     }
+    // out[i][j] = sum_l arows[i][l] * bcols[j][l], by OpenBLAS (single-precision, the same
+    // order run after run).
+    if (m > 0 && n > 0) {
+      // One OpenBLAS thread: the emulated device is serial anyway, and idle OpenBLAS threads
+      // spinning between the many small products took a quarter of an emulated worker's time.
+      static const bool single_thread = (openblas_set_num_threads(1), true);
+      (void)single_thread;
+      if (k > 0) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, arows.data(), k,
+                    bcols.data(), k, 0.0f, out.data(), n);
+      } else {
+        std::fill(out.begin(), out.end(), 0.0f);
+      }
+    }
     for (int j = 0; j < n; ++j) {
-      const float* bc = bcols.data() + static_cast<size_t>(j) * k;
       for (int i = 0; i < m; ++i) {
-        const float* ar = arows.data() + static_cast<size_t>(i) * k;
-        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int l = 0;
-        for (; l + 8 <= k; l += 8) {
-          for (int u = 0; u < 8; ++u) part[u] += ar[l + u] * bc[l + u];
-        }
-        for (; l < k; ++l) part[0] += ar[l] * bc[l];
-        float dot = 0;
-        for (float p : part) dot += p;
         const int64_t ci = c0 + i + static_cast<int64_t>(j) * ldc;
-        float out = a_scale * dot;
-        if (b_scale != 0.0f) out += b_scale * ToFloat(C, Ctype, ci);
+        float value = a_scale * out[static_cast<size_t>(i) * n + j];
+        if (b_scale != 0.0f) value += b_scale * ToFloat(C, Ctype, ci);
         if (Ctype == CUDA_R_32F) {
-          static_cast<float*>(C)[ci] = out;
+          static_cast<float*>(C)[ci] = value;
         } else {
-          static_cast<__nv_bfloat16*>(C)[ci] = __float2bfloat16_rn(out);
+          static_cast<__nv_bfloat16*>(C)[ci] = __float2bfloat16_rn(value);
         }
       }
     }

@@ -11,6 +11,8 @@ One GPU, so one rank at a time (NCCL rejects two ranks on one device). Scenarios
   bf16                   precision bf16 under a coordinator: finishes, loss goes down.
 
 Exit code 77 (ctest: skipped) when this machine has no usable GPU or the build has no CUDA.
+SPOTRAIN_TEST_EMULATED=1 (ctest's emulated.worker, on the worker built for the CPU emulator of
+the CUDA code, tests/emulation/): the same scenarios with half the batch and half the steps.
   worker_test.py [scenario...]
 """
 import os
@@ -28,6 +30,7 @@ SKIP = 77
 # The device under test; SPOTRAIN_TEST_DEVICE=cpu dry-runs the scenario logic on a CPU
 # machine (cpu_worker_refused and bf16 then fail by design).
 DEVICE = os.environ.get("SPOTRAIN_TEST_DEVICE", "cuda:0")
+EMULATED = os.environ.get("SPOTRAIN_TEST_EMULATED") == "1"
 WORK = tempfile.mkdtemp(prefix="spotrain-gpu-worker-")
 DATA = write_corpus(os.path.join(WORK, "data"))
 
@@ -39,9 +42,14 @@ def gpu_usable():
     return out.returncode == 0, (out.stderr.strip().splitlines() or [""])[-1]
 
 
+def steps(n):
+    """n steps on a GPU, half as many on the emulator (a step there takes ~2 s)."""
+    return n // 2 if EMULATED else n
+
+
 def config(**overrides):
-    base = dict(model="gpt-tiny", seq_len=64, global_batch=8, micro_batch=2, steps=40,
-                deterministic=True, optimizer={"lr": 0.003, "warmup_steps": 5})
+    base = dict(model="gpt-tiny", seq_len=64, global_batch=4 if EMULATED else 8, micro_batch=2,
+                steps=steps(40), deterministic=True, optimizer={"lr": 0.003, "warmup_steps": 5})
     base.update(overrides)
     return small_config(DATA, **base)
 
@@ -96,7 +104,8 @@ def committed(cfg):
 
 
 def kill_and_restore():
-    cfg = config(steps=60, checkpoint={"dir": os.path.join(WORK, "ckpt"), "every_steps": 10})
+    cfg = config(steps=steps(60),
+                 checkpoint={"dir": os.path.join(WORK, "ckpt"), "every_steps": steps(10)})
     plain = dict(cfg)
     plain.pop("checkpoint")
     reference = gpu_reference(plain)[0]
@@ -138,14 +147,14 @@ def cpu_worker_refused():
 
 
 def bf16():
-    cfg = config(deterministic=False, precision="bf16", steps=60, log_every=1)
+    cfg = config(deterministic=False, precision="bf16", steps=steps(60), log_every=1)
 
     def body(cluster):
         w = cluster.start_worker("b1", "--device", DEVICE)
         cluster.wait_done(timeout=600)
         losses = [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+)", w.output(),
                                                re.M)]
-        check(len(losses) >= 20, "too few progress lines:\n" + w.tail())
+        check(len(losses) >= steps(20), "too few progress lines:\n" + w.tail())
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         print(f"  bf16 loss: first 5 steps {first:.4f}, last 5 {last:.4f}")
         check(last < first, f"bf16 loss did not go down: {first:.4f} -> {last:.4f}")
