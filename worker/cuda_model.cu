@@ -75,7 +75,7 @@ struct CudaGptModel::Buffers {
   void* ln1;          // [L, N, C]
   float* ln1_mean;    // [L, N]
   float* ln1_rstd;    // [L, N]
-  void* qkv;          // [L, N, 3C]
+  void* qkv;          // [L, N, 3C] without the qkv bias (the attention adds it)
   void* atty;         // [L, N, C]
   void* att;          // [L, B, NH, T, T]
   void* residual2;    // [L, N, C]
@@ -418,10 +418,12 @@ absl::Status CudaGptModel::RunForward(int B) {
     const int64_t cc = static_cast<int64_t>(C) * C;
     RETURN_IF_ERROR(kc::LayerNormForward(ctx, ln1, a.ln1_mean + l * N, a.ln1_rstd + l * N, residual,
                                          p.ln1w + l * C, p.ln1b + l * C, Ni, C));
+    // qkv holds the product without its bias: the attention adds it as it copies q, k, v to
+    // its head-major scratch (the backward does again), saving a pass over qkv.
     RETURN_IF_ERROR(kc::MatmulForward(ctx, qkv, static_cast<const Act*>(ln1), w.qkvw + l * 3 * cc,
-                                      p.qkvb + l * 3 * C, Ni, C, 3 * C));
-    RETURN_IF_ERROR(
-        kc::AttentionForward(ctx, atty, att, static_cast<const Act*>(qkv), B, T, C, NH));
+                                      static_cast<const float*>(nullptr), Ni, C, 3 * C));
+    RETURN_IF_ERROR(kc::AttentionForward(ctx, atty, att, static_cast<const Act*>(qkv), B, T, C, NH,
+                                         p.qkvb + l * 3 * C));
     // The biases of the three layers below are added by the kernel that consumes the product.
     RETURN_IF_ERROR(kc::MatmulForward(ctx, act(a.proj), static_cast<const Act*>(atty),
                                       w.attprojw + l * cc, static_cast<const float*>(nullptr), Ni,
@@ -524,7 +526,7 @@ absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
                                        cact(a.dresidual), atty, w.attprojw + l * cc, Ni, C, C,
                                        kOverwrite));
     RETURN_IF_ERROR(kc::AttentionBackward(ctx, act(a.dqkv), act(a.datt), cact(a.datty), qkv, att, B,
-                                          T, C, NH, kOverwrite));
+                                          T, C, NH, kOverwrite, p.qkvb + l * 3 * C));
     RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.qkvw + l * 3 * cc, g.qkvb + l * 3 * C,
                                        cact(a.dqkv), ln1, w.qkvw + l * 3 * cc, Ni, C, 3 * C,
                                        kOverwrite));

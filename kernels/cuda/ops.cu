@@ -1058,6 +1058,9 @@ struct HeadCopyPack {
   Act* dst;
   const Act* src;
   HeadLayout layout;
+  // kGather only, optional: a bias over the token-major row (S x C), added as the elements are
+  // copied, with the arithmetic of AddBiasPack (so the same bits as adding it first).
+  const float* bias;
   __device__ void operator()(int64_t p) const {
     const int64_t head = p * kN;
     const int64_t token = layout.TokenMajorIndex(head);
@@ -1075,6 +1078,14 @@ struct HeadCopyPack {
 #pragma unroll
         for (int k = 0; k < kN; ++k) d[k] = Store<Act>(Load(d[k]) + Load(s[k]));
       }
+    } else if (kMode == HeadCopy::kGather && bias != nullptr) {
+      const int64_t row = static_cast<int64_t>(layout.S) * layout.NH * layout.hs;
+      const float* b = bias + token % row;  // kN elements never cross a head, so not a row
+      float x[kN];
+      LoadN<Act, kN>(s, x);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) x[k] = x[k] + b[k];
+      StoreN<Act, kN>(d, x);
     } else if constexpr (kN == Pack<Act>::kN) {
       *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(s);
     } else {
@@ -1087,17 +1098,18 @@ struct HeadCopyPack {
 // Copies the elements of `layout` between a token-major tensor and its head-major copy, in
 // 16-byte packs when hs is a whole number of packs and both pointers are 16-byte aligned.
 template <HeadCopy kMode, typename Act>
-absl::Status CopyHeads(CudaContext& ctx, Act* dst, const Act* src, const HeadLayout& layout) {
+absl::Status CopyHeads(CudaContext& ctx, Act* dst, const Act* src, const HeadLayout& layout,
+                       const float* bias = nullptr) {
   constexpr int kN = Pack<Act>::kN;
   if (layout.hs % kN == 0 && Aligned16(dst) && Aligned16(src)) {
     const int64_t packs = layout.size() / kN;
     SPOTRAIN_LAUNCH(ElementwiseBlocks(packs, kThreads), kThreads, ctx.stream(),
                     PackedElementwiseKernel)
-    (packs, HeadCopyPack<Act, kN, kMode>{dst, src, layout});
+    (packs, HeadCopyPack<Act, kN, kMode>{dst, src, layout, bias});
   } else {
     SPOTRAIN_LAUNCH(ElementwiseBlocks(layout.size(), kThreads), kThreads, ctx.stream(),
                     PackedElementwiseKernel)
-    (layout.size(), HeadCopyPack<Act, 1, kMode>{dst, src, layout});
+    (layout.size(), HeadCopyPack<Act, 1, kMode>{dst, src, layout, bias});
   }
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1292,7 +1304,7 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 // upper triangle.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
-                              int C, int NH) {
+                              int C, int NH, const float* inp_bias) {
   ASSIGN_OR_RETURN(const AttentionSetup setup, SetUpAttention<Act>(ctx, "AttentionForward", B, T, C,
                                                                    NH, kAttentionForwardSlots));
   const int hs = setup.hs, chunk = setup.chunk;
@@ -1304,7 +1316,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
   RETURN_IF_ERROR(arena.Take("AttentionForward", static_cast<int64_t>(chunk) * T * C, &y_h));
   for (int b0 = 0; b0 < B; b0 += chunk) {
     const auto [qkv_layout, y_layout, BH] = ChunkAt(setup, b0, B, T, NH);
-    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
+    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout, inp_bias));
     const Act* q = qkv_h;
     const Act* k = q + qkv_layout.slot_size();
     const Act* v = k + qkv_layout.slot_size();
@@ -1337,7 +1349,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
                                const Act* inp, const Act* att, int B, int T, int C, int NH,
-                               GradWrite dinp_write) {
+                               GradWrite dinp_write, const float* inp_bias) {
   ASSIGN_OR_RETURN(const AttentionSetup setup, SetUpAttention<Act>(ctx, "AttentionBackward", B, T,
                                                                    C, NH, kAttentionBackwardSlots));
   const int hs = setup.hs, chunk = setup.chunk;
@@ -1352,7 +1364,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
   RETURN_IF_ERROR(arena.Take("AttentionBackward", 3 * chunk_tc, &dqkv_h));
   for (int b0 = 0; b0 < B; b0 += chunk) {
     const auto [qkv_layout, y_layout, BH] = ChunkAt(setup, b0, B, T, NH);
-    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout));
+    RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, qkv_h, inp, qkv_layout, inp_bias));
     RETURN_IF_ERROR(CopyHeads<HeadCopy::kGather>(ctx, dy_h, dout, y_layout));
     const int64_t slot = qkv_layout.slot_size();
     const Act* q = qkv_h;
@@ -1582,9 +1594,10 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
   template absl::Status MatmulBackward<Act>(CudaContext&, Act*, float*, float*, const Act*,        \
                                             const Act*, const Act*, int, int, int, GradWrite);     \
   template absl::Status AttentionForward<Act>(CudaContext&, Act*, Act*, const Act*, int, int, int, \
-                                              int);                                                \
+                                              int, const float*);                                  \
   template absl::Status AttentionBackward<Act>(CudaContext&, Act*, Act*, const Act*, const Act*,   \
-                                               const Act*, int, int, int, int, GradWrite);         \
+                                               const Act*, int, int, int, int, GradWrite,          \
+                                               const float*);                                      \
   template size_t AttentionScratchBytes<Act>(int, int, int);                                       \
   template absl::Status GeluForward<Act>(CudaContext&, Act*, const Act*, int64_t);                 \
   template absl::Status GeluBackward<Act>(CudaContext&, Act*, const Act*, const Act*, int64_t,     \

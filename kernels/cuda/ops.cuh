@@ -85,16 +85,19 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
                             int OC, GradWrite dinp_write = GradWrite::kAccumulate);
 
 // Causal multi-head self-attention; inp is the fused qkv [B,T,3C], out [B,T,C], att
-// [B,NH,T,T] the softmax probabilities (0 above the diagonal), saved for backward.
+// [B,NH,T,T] the softmax probabilities (0 above the diagonal), saved for backward. With
+// inp_bias ([3C], fp32), inp is the qkv product without its bias and the attention adds it as
+// it copies q, k, v (the same bits as adding it to inp first, without a pass over inp).
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
-                              int C, int NH);
+                              int C, int NH, const float* inp_bias = nullptr);
 // dinp[B,T,3C] += ... (kOverwrite: dinp = ..., its old contents never read); datt
-// [B,NH,T,T] is scratch the kernel overwrites.
+// [B,NH,T,T] is scratch the kernel overwrites. inp and inp_bias as in AttentionForward.
 template <typename Act>
 absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act* dout,
                                const Act* inp, const Act* att, int B, int T, int C, int NH,
-                               GradWrite dinp_write = GradWrite::kAccumulate);
+                               GradWrite dinp_write = GradWrite::kAccumulate,
+                               const float* inp_bias = nullptr);
 // The products of AttentionBackward land in head-major scratch in the activation type and are
 // then added to (or written over) dinp, so with bf16 accumulating into a non-zero dinp sees
 // two roundings. Both attention calls work on head-major copies of q, k, v and the output in the
