@@ -162,7 +162,7 @@ struct Execution {
   std::vector<uint8_t> lane_parity;  // per thread: which slot set its next shuffle uses
   Fiber* current = nullptr;
   Context scheduler;
-  uint64_t rng = 0;  // xorshift64 state, for the run order
+  uint64_t rng = 0;  // xorshift64 state, for the run orders
 };
 
 std::mutex g_launch_mutex;
@@ -327,7 +327,12 @@ void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()
     Fatal(std::string("kernel ") + name + ": a block of " + std::to_string(threads) +
           " threads (CUDA allows 1 to 1024)");
   }
-  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535) {
+  if (block.x > 1024 || block.y > 1024 || block.z > 64) {
+    Fatal(std::string("kernel ") + name +
+          ": a block dimension over CUDA's limits (1024, 1024, 64)");
+  }
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535) {
     Fatal(std::string("kernel ") + name + ": an invalid grid");
   }
   if (Trace()) {
@@ -344,15 +349,20 @@ void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()
   e.block = block;
   e.threads = static_cast<int>(threads);
   e.fibers.resize(e.threads);
-  e.rng = 0x9e3779b97f4a7c15ull ^ Seed();
+  static uint64_t launches = 0;
+  e.rng = (0x9e3779b97f4a7c15ull * ++launches) ^ Seed();
+  if (e.rng == 0) e.rng = 1;
   g_exec = &e;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        e.block_idx = make_uint3(x, y, z);
-        RunBlock(e);
-      }
-    }
+  // Blocks run one at a time, in a shuffled order (a kernel may not depend on it).
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  if (blocks > (uint64_t{1} << 32)) Fatal(std::string("kernel ") + name + ": too many blocks");
+  std::vector<uint32_t> order(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) order[i] = static_cast<uint32_t>(i);
+  for (uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[NextRandom(e.rng) % i]);
+  for (uint32_t linear : order) {
+    e.block_idx =
+        make_uint3(linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y));
+    RunBlock(e);
   }
   g_exec = nullptr;
 }
@@ -375,7 +385,7 @@ struct Allocation {
 };
 std::vector<Allocation> g_allocations;
 std::vector<void*> g_host_allocations;
-cudaError_t g_last_error = cudaSuccess;
+thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as CUDA's
 
 }  // namespace
 
@@ -425,6 +435,9 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
     return g_last_error = cudaErrorMemoryAllocation;
   }
   void* p = guard - rounded;
+  // cudaMalloc memory is not initialised: every byte 0xFF (NaN as fp32 and bf16), so that a
+  // kernel reading what nobody wrote shows, instead of reading the zeros of a fresh mapping.
+  std::memset(p, 0xFF, rounded);
   g_allocated += rounded;
   g_allocations.push_back(Allocation{p, base, rounded, mapped});
   *ptr = p;
@@ -634,10 +647,14 @@ cublasStatus_t cublasGemmStridedBatchedEx(
     cudaDataType Ctype, int ldc, long long int strideC, int batchCount,
     cublasComputeType_t computeType, cublasGemmAlgo_t /*algo*/) {
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
-  if (!Supported(Atype) || !Supported(Btype) || !Supported(Ctype)) {
+  // The combinations cuBLAS supports among those spotrain could ask for: A and B of one type;
+  // fp32 inputs give fp32 (TF32 allowed), bf16 inputs fp32 or bf16 (compute 32F only).
+  if (!Supported(Atype) || Btype != Atype || !Supported(Ctype)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_FAST_TF32) {
     return CUBLAS_STATUS_NOT_SUPPORTED;
   }
-  if (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_FAST_TF32) {
+  if (Atype == CUDA_R_32F && Ctype != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (Atype == CUDA_R_16BF && computeType != CUBLAS_COMPUTE_32F) {
     return CUBLAS_STATUS_NOT_SUPPORTED;
   }
   if (m < 0 || n < 0 || k < 0 || batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;

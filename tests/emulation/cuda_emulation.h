@@ -3,23 +3,29 @@
 //
 // How: the .cu sources are compiled by the C++ compiler with this header force-included
 // (-include) and SPOTRAIN_CUDA_EMULATION defined. SPOTRAIN_LAUNCH (kernels/cuda/launch.h) then
-// runs a kernel on the host before returning: the blocks one after another, the threads of a
-// block as cooperative fibers on one OS thread, switched only at __syncthreads() and warp
-// shuffles, in an order shuffled per block by a fixed seed (SPOTRAIN_EMULATION_SEED
-// overrides it) so that a missing barrier shows as a wrong result. The CUDA runtime and cuBLAS
+// runs a kernel on the host before returning: the blocks one after another in a shuffled
+// order, the threads of a block as cooperative fibers on one OS thread, switched only at
+// __syncthreads() and warp shuffles, in a shuffled order, so that a missing barrier shows as a
+// wrong result (a fixed seed; SPOTRAIN_EMULATION_SEED overrides it). The CUDA runtime and cuBLAS
 // functions the sources call are implemented in cuda_emulation.cc over host memory (cuBLAS by
 // a reference column-major product), cub's radix sort by a stable sort
 // (include/cub/device/device_radix_sort.cuh).
 //
 // What it checks and what it cannot:
 //  - checks: indexing, bounds of the grid-stride and row loops, packed loads, reductions and
-//    their barriers, launch shapes, which elements a kernel writes (with NaN-filled buffers),
-//    cuBLAS operand mapping as cuBLAS defines it, whole training steps against the CPU model;
+//    their barriers, launch shapes, which elements a kernel writes or reads before writing
+//    (cudaMalloc memory starts as 0xFF bytes, NaN), overruns past an allocation (a guard page),
+//    cuBLAS operand mapping and type combinations as cuBLAS defines them, whole training steps
+//    against the CPU model;
 //  - stops the process with a message (a kernel bug, not a test failure to continue from): a
 //    barrier some threads of a block never reach (deadlock), a warp shuffle over lanes that
 //    have exited or do not exist, a mask other than all lanes, a block over 1024 threads;
-//  - cannot: timing, the GPU's memory model and scheduling beyond the orders it tries, device
-//    math functions' last-bit results (host libm instead), real cuBLAS's summation order.
+//  - cannot: timing; the GPU's memory model and scheduling beyond the orders it tries; races
+//    between streams or a host read before a stream synchronisation (work is synchronous);
+//    last-bit results (nvcc contracts a * b + c into one FMA by default, the emulator does not;
+//    host libm instead of device math; OpenBLAS's summation order instead of cuBLAS's), so
+//    only code whose rounding the intrinsics below pin can be compared bit for bit with a GPU;
+//    shared memory that starts as garbage (here: zeros, then the previous block's values).
 //
 // One emulated kernel runs at a time in the process (a global lock); `__shared__` variables
 // are function-local statics, shared by the block that runs.
@@ -38,6 +44,8 @@
 #include <functional>
 #include <type_traits>
 
+// __shared__ variables: function-local statics (zero at first, then what the previous block
+// left; GCC cannot gather the statics of function templates in one section to poison them).
 #undef __shared__
 #define __shared__ static
 
@@ -103,8 +111,9 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return out;
 }
 
-// Device intrinsics with their IEEE meaning (the emulated sources are compiled without FMA
-// contraction, so each is one rounded operation, as on the device).
+// Device intrinsics with their IEEE meaning: each one rounded operation, never contracted
+// (the emulated sources are compiled with -ffp-contract=off; nvcc would contract plain
+// a * b + c, which these intrinsics exist to prevent).
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

@@ -76,8 +76,6 @@ TEST_F(FixedPointCudaTest, DrainAndConvertBackMatchTheCpuBitForBit) {
   ASSERT_TRUE(DrainToFixedPoint(src.data(), n, acc_cpu.data(), /*assign=*/true).ok());
   src = second;
   ASSERT_TRUE(DrainToFixedPoint(src.data(), n, acc_cpu.data(), /*assign=*/false).ok());
-  std::vector<float> mean_cpu(n);
-  FromFixedPoint(acc_cpu.data(), n, 0.5, mean_cpu.data());
 
   // GPU: the same, on stale accumulator contents (assign must not read them).
   DeviceBuffer<float> d_src(first);
@@ -97,11 +95,18 @@ TEST_F(FixedPointCudaTest, DrainAndConvertBackMatchTheCpuBitForBit) {
   EXPECT_EQ(first_bad, -1);
   EXPECT_EQ(d_acc.Download(), acc_cpu);
 
-  DeviceBuffer<float> d_mean(n);
-  d_mean.FillBytes(0xFF);
-  ASSERT_TRUE(FromFixedPointCuda(stream_, d_acc.get(), n, 0.5, d_mean.get()).ok());
-  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-  EXPECT_TRUE(BitIdentical(d_mean.Download(), mean_cpu));
+  // Back to floats, with factors whose product is inexact (1/3, 1/6) as well as 0.5: the
+  // double multiply and its one rounding must be the CPU's.
+  for (const double factor : {0.5, 1.0 / 3.0, 1.0 / 6.0}) {
+    SCOPED_TRACE(factor);
+    std::vector<float> mean_cpu(n);
+    FromFixedPoint(acc_cpu.data(), n, factor, mean_cpu.data());
+    DeviceBuffer<float> d_mean(n);
+    d_mean.FillBytes(0xFF);
+    ASSERT_TRUE(FromFixedPointCuda(stream_, d_acc.get(), n, factor, d_mean.get()).ok());
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    EXPECT_TRUE(BitIdentical(d_mean.Download(), mean_cpu));
+  }
 }
 
 TEST_F(FixedPointCudaTest, ReportsTheFirstElementOutOfRange) {
@@ -111,8 +116,11 @@ TEST_F(FixedPointCudaTest, ReportsTheFirstElementOutOfRange) {
         -kFixedPointMaxAbs, kFixedPointMaxAbs * 2}) {
     SCOPED_TRACE(bad);
     std::vector<float> values = EdgeAndRandomValues(n, 3);
+    // The first one is reported, whatever thread or block sees which: two in one block of 256
+    // threads and one far after.
     values[4321] = bad;
-    values[777] = bad;  // the first one is reported, whatever thread sees which
+    values[800] = bad;
+    values[777] = bad;
     std::vector<int64_t> acc_cpu(n);
     std::vector<float> src = values;
     const absl::Status cpu = DrainToFixedPoint(src.data(), n, acc_cpu.data(), true);
@@ -131,8 +139,15 @@ TEST_F(FixedPointCudaTest, ReportsTheFirstElementOutOfRange) {
     EXPECT_EQ(FixedPointRangeError(first_bad, bad_value), cpu);
     // The bad elements are left as they were.
     const std::vector<float> after = d_src.Download();
-    EXPECT_TRUE(
-        BitIdentical(std::vector<float>{after[777], after[4321]}, std::vector<float>{bad, bad}));
+    EXPECT_TRUE(BitIdentical(std::vector<float>{after[777], after[800], after[4321]},
+                             std::vector<float>{bad, bad, bad}));
+
+    // Accumulating (assign = false) reports the same element.
+    first_bad = -1;
+    ASSERT_TRUE(DrainToFixedPointCuda(stream_, d_src.get(), n, d_acc.get(), false, scratch_,
+                                      &first_bad, &bad_value)
+                    .ok());
+    EXPECT_EQ(first_bad, 777);
   }
 }
 

@@ -383,20 +383,26 @@ TEST_F(GpuOpsTest, BiasResidualAndBiasGelu) {
   }
 }
 
+// A device buffer of Act as the host sees it: floats, or bf16 as raw bits.
+template <typename Act>
+using RawOf = std::conditional_t<sizeof(Act) == 2, uint16_t, float>;
+template <typename Act>
+std::vector<RawOf<Act>> ToRaw(const std::vector<float>& v) {
+  if constexpr (sizeof(Act) == 2) {
+    return ToBf16Bits(v);
+  } else {
+    return v;
+  }
+}
+
 // The claim of ops.cuh, on the device: a product with its bias then ResidualForward /
 // GeluForward, and the product without it then BiasResidualForward / BiasGeluForward, give the
 // same bits.
 template <typename Act>
 void FusedBiasSameBits(cuda::CudaContext& ctx, int N, int Cin, int OC) {
   SCOPED_TRACE(::testing::Message() << "OC=" << OC << (sizeof(Act) == 2 ? " bf16" : " fp32"));
-  using Raw = std::conditional_t<sizeof(Act) == 2, uint16_t, float>;
-  const auto to_raw = [](const std::vector<float>& v) {
-    if constexpr (sizeof(Act) == 2) {
-      return ToBf16Bits(v);
-    } else {
-      return v;
-    }
-  };
+  using Raw = RawOf<Act>;
+  const auto to_raw = ToRaw<Act>;
   DeviceBuffer<Raw> x(to_raw(RandomVector(N * Cin, 120))), w(to_raw(RandomVector(OC * Cin, 121))),
       a(to_raw(RandomVector(N * OC, 122))), with_bias(N * OC), without(N * OC), out1(N * OC),
       out2(N * OC);
@@ -438,14 +444,8 @@ template <typename Act>
 void AttentionInputBiasSameBits(cuda::CudaContext& ctx, int B, int T, int C, int NH) {
   SCOPED_TRACE(::testing::Message()
                << "C=" << C << " NH=" << NH << (sizeof(Act) == 2 ? " bf16" : " fp32"));
-  using Raw = std::conditional_t<sizeof(Act) == 2, uint16_t, float>;
-  const auto to_raw = [](const std::vector<float>& v) {
-    if constexpr (sizeof(Act) == 2) {
-      return ToBf16Bits(v);
-    } else {
-      return v;
-    }
-  };
+  using Raw = RawOf<Act>;
+  const auto to_raw = ToRaw<Act>;
   const auto round = [](std::vector<float> v) {
     return sizeof(Act) == 2 ? RoundToBf16(std::move(v)) : v;
   };

@@ -1,7 +1,9 @@
 // The part of cub's DeviceRadixSort that kernels/cuda/ops.cu uses, for the CPU emulator
 // (tests/emulation/cuda_emulation.h): a stable sort of (key, value) pairs by the key bits
 // [begin_bit, end_bit), signed keys with their sign bit flipped first, as cub's radix sort
-// orders them. Host memory, synchronous; a query (temp == nullptr) asks for 1 byte.
+// orders them. Host memory, synchronous. A query (temp == nullptr) asks for as much as cub
+// may (a copy of keys and values plus 4 KiB), and a sort given less fails, so that a caller's
+// scratch too small for the real cub fails here too.
 #ifndef SPOTRAIN_TESTS_EMULATION_CUB_DEVICE_RADIX_SORT_H_
 #define SPOTRAIN_TESTS_EMULATION_CUB_DEVICE_RADIX_SORT_H_
 
@@ -23,10 +25,13 @@ struct DeviceRadixSort {
                                int begin_bit = 0, int end_bit = sizeof(Key) * 8,
                                cudaStream_t /*stream*/ = 0) {
     static_assert(std::is_integral_v<Key> && sizeof(Key) <= 8, "integer keys only");
+    const size_t need =
+        static_cast<size_t>(num_items) * (sizeof(Key) + sizeof(Value)) + size_t{4096};
     if (temp == nullptr) {
-      temp_bytes = 1;
+      temp_bytes = need;
       return cudaSuccess;
     }
+    if (temp_bytes < need) return cudaErrorInvalidValue;
     using Bits = std::make_unsigned_t<Key>;
     const int width = end_bit - begin_bit;
     const uint64_t mask = width >= 64 ? ~uint64_t{0} : (uint64_t{1} << width) - 1;
