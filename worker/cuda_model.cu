@@ -382,7 +382,7 @@ absl::Status CudaGptModel::UploadTokens(const int32_t* inputs, const int32_t* ta
 }
 
 template <typename Act>
-absl::Status CudaGptModel::RunForward(int B) {
+absl::Status CudaGptModel::RunForward(int B, bool backward, float grad_scale) {
   kc::CudaContext& ctx = *ctx_;
   Buffers& a = *buffers_;
   const int T = seq_len_, C = C_, L = L_, NH = NH_, Vp = Vp_;
@@ -449,11 +449,24 @@ absl::Status CudaGptModel::RunForward(int B) {
   // Logits in fp32 whatever the precision: the softmax over 50k entries and the loss want it.
   const Act* lnf = act(a.lnf);
   RETURN_IF_ERROR(kc::MatmulForward(ctx, a.logits, lnf, w.wte, nullptr, Ni, C, Vp));
-  return kc::CrossEntropyForward(ctx, a.losses, a.ce_stats, a.logits, a.targets, Ni, V_, Vp);
+  if (!backward) {
+    return kc::CrossEntropyForward(ctx, a.losses, a.ce_stats, a.logits, a.targets, Ni, V_, Vp);
+  }
+  // d(mean loss * grad_scale)/dlogits in the same pass over each row (fp32 ones overwrite the
+  // logits, no longer needed; bf16 ones go to their own buffer).
+  Act* dlogits;
+  if constexpr (std::is_same_v<Act, bf16>) {
+    dlogits = a.dlogits;
+  } else {
+    dlogits = a.logits;
+  }
+  return kc::CrossEntropyForwardBackward(ctx, a.losses, a.ce_stats, dlogits,
+                                         static_cast<const float*>(a.logits), a.targets,
+                                         grad_scale / static_cast<float>(N), Ni, V_, Vp);
 }
 
 template <typename Act>
-absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
+absl::Status CudaGptModel::RunBackward(int B) {
   kc::CudaContext& ctx = *ctx_;
   Buffers& a = *buffers_;
   const int T = seq_len_, C = C_, L = L_, NH = NH_, Vp = Vp_;
@@ -478,16 +491,13 @@ absl::Status CudaGptModel::RunBackward(int B, float grad_scale) {
   const int64_t cc = static_cast<int64_t>(C) * C;
   const int64_t att_layer = static_cast<int64_t>(B) * NH * T * T;
 
-  // d(mean loss * grad_scale)/dlogits; fp32 ones overwrite the logits (no longer needed).
-  Act* dlogits;
+  // d(mean loss * grad_scale)/dlogits, written by RunForward's fused cross-entropy.
+  const Act* dlogits;
   if constexpr (std::is_same_v<Act, bf16>) {
     dlogits = a.dlogits;
   } else {
     dlogits = a.logits;
   }
-  RETURN_IF_ERROR(kc::CrossEntropyBackward(ctx, dlogits, static_cast<const float*>(a.logits),
-                                           a.ce_stats, a.targets,
-                                           grad_scale / static_cast<float>(N), Ni, V_, Vp));
   constexpr kc::GradWrite kOverwrite = kc::GradWrite::kOverwrite;
   RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.wte, static_cast<float*>(nullptr),
                                      static_cast<const Act*>(dlogits), cact(a.lnf), w.wte, Ni, C,
@@ -548,11 +558,11 @@ absl::StatusOr<float> CudaGptModel::ForwardBackward(const int32_t* inputs, const
   RETURN_IF_ERROR(ctx_->Activate());
   RETURN_IF_ERROR(UploadTokens(inputs, targets, B));
   if (options_.precision == CudaPrecision::kBf16) {
-    RETURN_IF_ERROR(RunForward<bf16>(B));
-    RETURN_IF_ERROR(RunBackward<bf16>(B, grad_scale));
+    RETURN_IF_ERROR(RunForward<bf16>(B, /*backward=*/true, grad_scale));
+    RETURN_IF_ERROR(RunBackward<bf16>(B));
   } else {
-    RETURN_IF_ERROR(RunForward<float>(B));
-    RETURN_IF_ERROR(RunBackward<float>(B, grad_scale));
+    RETURN_IF_ERROR(RunForward<float>(B, /*backward=*/true, grad_scale));
+    RETURN_IF_ERROR(RunBackward<float>(B));
   }
   // The losses survive the backward pass (it overwrites only the logits).
   return MeanLoss(B);
@@ -562,9 +572,9 @@ absl::StatusOr<float> CudaGptModel::Forward(const int32_t* inputs, const int32_t
   RETURN_IF_ERROR(ctx_->Activate());
   RETURN_IF_ERROR(UploadTokens(inputs, targets, B));
   if (options_.precision == CudaPrecision::kBf16) {
-    RETURN_IF_ERROR(RunForward<bf16>(B));
+    RETURN_IF_ERROR(RunForward<bf16>(B, /*backward=*/false, 0.0f));
   } else {
-    RETURN_IF_ERROR(RunForward<float>(B));
+    RETURN_IF_ERROR(RunForward<float>(B, /*backward=*/false, 0.0f));
   }
   return MeanLoss(B);
 }

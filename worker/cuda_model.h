@@ -128,10 +128,12 @@ class CudaGptModel {
                const CudaModelOptions& options);
   absl::Status Allocate();
   absl::Status UploadTokens(const int32_t* inputs, const int32_t* targets, int B);
+  // With `backward`, the cross-entropy also writes d(mean loss * grad_scale)/dlogits (the
+  // fused classifier), which RunBackward then starts from.
   template <typename Act>
-  absl::Status RunForward(int B);
+  absl::Status RunForward(int B, bool backward, float grad_scale);
   template <typename Act>
-  absl::Status RunBackward(int B, float grad_scale);
+  absl::Status RunBackward(int B);
   absl::StatusOr<float> MeanLoss(int B);
 
   const proto::ModelConfig config_;

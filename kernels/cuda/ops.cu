@@ -870,10 +870,18 @@ __device__ MaxSum BlockCombine(MaxSum v, MaxSum* shared) {
   return v;
 }
 
+template <typename Act>
+__device__ void WriteRowGrad(Act* d, const float* x, float m, float inv, int target, float scale,
+                             int V, int Vp, bool vec);
+
 // One block per row: one read of the logits (16-byte loads when `vec`: Vp a multiple of 4
-// and the logits 16-byte aligned), then stats = (max, 1/sum) and the loss.
+// and the logits 16-byte aligned), then stats = (max, 1/sum) and the loss. With dlogits (the
+// fused form), the block then writes the row's gradient as CrossEntropyBackwardKernel does,
+// while the row is still in cache; `dvec` as that kernel's `vec`.
+template <typename Act>
 __global__ void CrossEntropyForwardKernel(float* losses, float* stats, const float* logits,
-                                          const int32_t* targets, int V, int Vp, bool vec) {
+                                          const int32_t* targets, int V, int Vp, bool vec,
+                                          Act* dlogits, float scale, bool dvec) {
   __shared__ MaxSum shared[kWarp];
   const int64_t row = blockIdx.x;
   const float* x = logits + row * Vp;
@@ -898,6 +906,10 @@ __global__ void CrossEntropyForwardKernel(float* losses, float* stats, const flo
     // -log softmax[target] without forming the (possibly tiny) probability, as the CPU.
     losses[row] = logf(acc.sum) - (x[targets[row]] - acc.max);
   }
+  if (dlogits != nullptr) {  // the same for the whole block
+    __syncthreads();         // the loss read x[target]: fp32 dlogits may overwrite it now
+    WriteRowGrad(dlogits + row * Vp, x, acc.max, 1.0f / acc.sum, targets[row], scale, V, Vp, dvec);
+  }
 }
 
 __device__ __forceinline__ void Store4(float* p, float a, float b, float c, float d) {
@@ -916,11 +928,14 @@ __global__ void CrossEntropyBackwardKernel(Act* dlogits, const float* logits, co
                                            const int32_t* targets, float scale, int V, int Vp,
                                            bool vec) {
   const int64_t row = blockIdx.x;
-  const float* x = logits + row * Vp;
-  Act* d = dlogits + row * Vp;
-  const float m = stats[2 * row];
-  const float inv = stats[2 * row + 1];
-  const int target = targets[row];
+  WriteRowGrad(dlogits + row * Vp, logits + row * Vp, stats[2 * row], stats[2 * row + 1],
+               targets[row], scale, V, Vp, vec);
+}
+
+// The block's row of dlogits from the row's logits x and its max m and 1/sum inv.
+template <typename Act>
+__device__ void WriteRowGrad(Act* d, const float* x, float m, float inv, int target, float scale,
+                             int V, int Vp, bool vec) {
   const auto grad = [&](int j, float xj) {
     return j < V ? (expf(xj - m) * inv - (j == target ? 1.0f : 0.0f)) * scale : 0.0f;
   };
@@ -1509,10 +1524,32 @@ absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, 
   RETURN_IF_ERROR(CheckPositive("CrossEntropyForward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForward: V > Vp");
   const bool vec = Vp % 4 == 0 && Aligned16(logits);
-  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel)
-  (losses, stats, logits, targets, V, Vp, vec);
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<float>)
+  (losses, stats, logits, targets, V, Vp, vec, static_cast<float*>(nullptr), 0.0f, false);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
+}
+
+// bf16 dlogits may not overlap the fp32 logits (fp32 ones may be the logits themselves).
+template <typename Act>
+absl::Status CheckDlogits(const char* op, const Act* dlogits, const float* logits, int N, int Vp) {
+  if constexpr (!std::is_same_v<Act, float>) {
+    const auto* d = reinterpret_cast<const char*>(dlogits);
+    const auto* l = reinterpret_cast<const char*>(logits);
+    const int64_t count = static_cast<int64_t>(N) * Vp;
+    if (d < l + count * sizeof(float) && l < d + count * sizeof(Act)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: bf16 dlogits overlap the fp32 logits (only fp32 dlogits may be written in place)",
+          op));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename Act>
+bool DlogitsVec(const Act* dlogits, const float* logits, int Vp) {
+  return Vp % 4 == 0 && Aligned16(logits) &&
+         reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(Act)) == 0;
 }
 
 template <typename Act>
@@ -1521,20 +1558,24 @@ absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* l
                                   int N, int V, int Vp) {
   RETURN_IF_ERROR(CheckPositive("CrossEntropyBackward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyBackward: V > Vp");
-  if constexpr (!std::is_same_v<Act, float>) {
-    const auto* d = reinterpret_cast<const char*>(dlogits);
-    const auto* l = reinterpret_cast<const char*>(logits);
-    const int64_t count = static_cast<int64_t>(N) * Vp;
-    if (d < l + count * sizeof(float) && l < d + count * sizeof(Act)) {
-      return absl::InvalidArgumentError(
-          "CrossEntropyBackward: bf16 dlogits overlap the fp32 logits (only fp32 dlogits may "
-          "be written in place)");
-    }
-  }
-  const bool vec = Vp % 4 == 0 && Aligned16(logits) &&
-                   reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(Act)) == 0;
+  RETURN_IF_ERROR(CheckDlogits("CrossEntropyBackward", dlogits, logits, N, Vp));
   SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyBackwardKernel)
-  (dlogits, logits, stats, targets, dloss_scale, V, Vp, vec);
+  (dlogits, logits, stats, targets, dloss_scale, V, Vp, DlogitsVec(dlogits, logits, Vp));
+  CUDA_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+template <typename Act>
+absl::Status CrossEntropyForwardBackward(CudaContext& ctx, float* losses, float* stats,
+                                         Act* dlogits, const float* logits, const int32_t* targets,
+                                         float dloss_scale, int N, int V, int Vp) {
+  RETURN_IF_ERROR(CheckPositive("CrossEntropyForwardBackward", {N, V, Vp}));
+  if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForwardBackward: V > Vp");
+  RETURN_IF_ERROR(CheckDlogits("CrossEntropyForwardBackward", dlogits, logits, N, Vp));
+  const bool vec = Vp % 4 == 0 && Aligned16(logits);
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<Act>)
+  (losses, stats, logits, targets, V, Vp, vec, dlogits, dloss_scale,
+   DlogitsVec(dlogits, logits, Vp));
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -1608,7 +1649,9 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
                                                  const float*, int, int);                          \
   template absl::Status BiasGeluForward<Act>(CudaContext&, Act*, Act*, const float*, int, int);    \
   template absl::Status CrossEntropyBackward<Act>(CudaContext&, Act*, const float*, const float*,  \
-                                                  const int32_t*, float, int, int, int);
+                                                  const int32_t*, float, int, int, int);           \
+  template absl::Status CrossEntropyForwardBackward<Act>(                                          \
+      CudaContext&, float*, float*, Act*, const float*, const int32_t*, float, int, int, int);
 
 SPOTRAIN_INSTANTIATE_ACT(float)
 SPOTRAIN_INSTANTIATE_ACT(bf16)

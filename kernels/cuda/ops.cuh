@@ -149,6 +149,13 @@ template <typename Act>
 absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* logits,
                                   const float* stats, const int32_t* targets, float dloss_scale,
                                   int N, int V, int Vp);
+// Both in one pass over each row (the fused classifier of a training step): the forward's
+// losses and stats, then the backward's dlogits from the row while it is still in cache, the
+// same bits as the two calls above; one read of the logits less. Same aliasing rule.
+template <typename Act>
+absl::Status CrossEntropyForwardBackward(CudaContext& ctx, float* losses, float* stats,
+                                         Act* dlogits, const float* logits, const int32_t* targets,
+                                         float dloss_scale, int N, int V, int Vp);
 
 // Sum of squares of x in double, in a fixed order that does not depend on the GPU (a fixed
 // grid of partial sums, then one ordered final sum: no atomics). Synchronises the stream.

@@ -313,6 +313,39 @@ void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, in
   ExpectAllClose("stats", d_stats.Download(), stats, 0, kRtol32);
   ExpectAllClose("dlogits", in_place ? d_logits.Download() : d_dlogits.Download(), dlogits, 1e-8f,
                  kRtol32);
+
+  // The fused form (CrossEntropyForwardBackward) gives the same bits as the two calls, in
+  // fp32 (in place or not, as above) and into bf16 dlogits.
+  const std::vector<float> two_losses = d_losses.Download(), two_stats = d_stats.Download();
+  const std::vector<float> two_dlogits = in_place ? d_logits.Download() : d_dlogits.Download();
+  DeviceBuffer<float> f_logits(logits), f_stats(2 * N), f_losses(N), f_dlogits(N * Vp);
+  f_stats.FillBytes(0xFF);
+  f_dlogits.FillBytes(0xFF);
+  float* f_out = in_place ? f_logits.get() : f_dlogits.get();
+  ASSERT_TRUE(cuda::CrossEntropyForwardBackward(ctx, f_losses.get(), f_stats.get(), f_out,
+                                                static_cast<const float*>(f_logits.get()),
+                                                d_targets.get(), scale, N, V, Vp)
+                  .ok());
+  EXPECT_TRUE(BitIdentical(f_losses.Download(), two_losses)) << "fused losses";
+  EXPECT_TRUE(BitIdentical(f_stats.Download(), two_stats)) << "fused stats";
+  EXPECT_TRUE(BitIdentical(in_place ? f_logits.Download() : f_dlogits.Download(), two_dlogits))
+      << "fused dlogits";
+  if (!in_place) {
+    DeviceBuffer<float> b_logits(logits);
+    DeviceBuffer<uint16_t> two16(N * Vp), fused16(N * Vp);
+    fused16.FillBytes(0xFF);
+    auto* t16 = reinterpret_cast<cuda::bf16*>(two16.get());
+    auto* f16 = reinterpret_cast<cuda::bf16*>(fused16.get());
+    ASSERT_TRUE(cuda::CrossEntropyBackward(ctx, t16, static_cast<const float*>(b_logits.get()),
+                                           static_cast<const float*>(d_stats.get()),
+                                           d_targets.get(), scale, N, V, Vp)
+                    .ok());
+    ASSERT_TRUE(cuda::CrossEntropyForwardBackward(ctx, f_losses.get(), f_stats.get(), f16,
+                                                  static_cast<const float*>(b_logits.get()),
+                                                  d_targets.get(), scale, N, V, Vp)
+                    .ok());
+    EXPECT_EQ(fused16.Download(), two16.Download()) << "fused bf16 dlogits";
+  }
 }
 
 TEST_F(GpuOpsTest, CrossEntropy) {
