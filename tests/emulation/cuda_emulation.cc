@@ -195,8 +195,9 @@ uint64_t NextRandom(uint64_t& state) {
 }
 
 // Fisher-Yates with xorshift64: the run order of a block's ready threads (cheap: it is
-// drawn at every barrier).
-void Shuffle(std::vector<int>& order, uint64_t& state) {
+// drawn at every barrier) and of a grid's blocks.
+template <typename Index>
+void Shuffle(std::vector<Index>& order, uint64_t& state) {
   for (size_t i = order.size(); i > 1; --i) {
     std::swap(order[i - 1], order[NextRandom(state) % i]);
   }
@@ -358,7 +359,7 @@ void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()
   if (blocks > (uint64_t{1} << 32)) Fatal(std::string("kernel ") + name + ": too many blocks");
   std::vector<uint32_t> order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) order[i] = static_cast<uint32_t>(i);
-  for (uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[NextRandom(e.rng) % i]);
+  Shuffle(order, e.rng);
   for (uint32_t linear : order) {
     e.block_idx =
         make_uint3(linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y));
@@ -386,6 +387,28 @@ struct Allocation {
 std::vector<Allocation> g_allocations;
 std::vector<void*> g_host_allocations;
 thread_local cudaError_t g_last_error = cudaSuccess;  // per host thread, as CUDA's
+
+struct ErrorText {
+  cudaError_t error;
+  const char* name;
+  const char* text;
+};
+
+// The errors the emulated runtime returns, for cudaGetErrorName / cudaGetErrorString.
+ErrorText Describe(cudaError_t error) {
+  static constexpr ErrorText kKnown[] = {
+      {cudaSuccess, "cudaSuccess", "no error"},
+      {cudaErrorMemoryAllocation, "cudaErrorMemoryAllocation",
+       "out of memory (emulated device: 16 GiB)"},
+      {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid argument"},
+      {cudaErrorInvalidDevice, "cudaErrorInvalidDevice",
+       "invalid device ordinal (the emulator has one device)"},
+  };
+  for (const ErrorText& e : kKnown) {
+    if (e.error == error) return e;
+  }
+  return {error, "cudaErrorUnknown", "unknown error"};
+}
 
 }  // namespace
 
@@ -554,35 +577,8 @@ cudaError_t cudaGetLastError() {
 
 cudaError_t cudaPeekAtLastError() { return g_last_error; }
 
-const char* cudaGetErrorName(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess:
-      return "cudaSuccess";
-    case cudaErrorMemoryAllocation:
-      return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidValue:
-      return "cudaErrorInvalidValue";
-    case cudaErrorInvalidDevice:
-      return "cudaErrorInvalidDevice";
-    default:
-      return "cudaErrorUnknown";
-  }
-}
-
-const char* cudaGetErrorString(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess:
-      return "no error";
-    case cudaErrorMemoryAllocation:
-      return "out of memory (emulated device: 16 GiB)";
-    case cudaErrorInvalidValue:
-      return "invalid argument";
-    case cudaErrorInvalidDevice:
-      return "invalid device ordinal (the emulator has one device)";
-    default:
-      return "unknown error";
-  }
-}
+const char* cudaGetErrorName(cudaError_t error) { return Describe(error).name; }
+const char* cudaGetErrorString(cudaError_t error) { return Describe(error).text; }
 
 }  // extern "C"
 
