@@ -4,7 +4,9 @@
 # none of Debian's gRPC, protobuf, Abseil, gloo or OpenBLAS):
 #   tests/gpu/package.sh OUTDIR [BUILD_DIR]        (BUILD_DIR default: build-cuda)
 # OUTDIR gets bin/ (tests/gpu_*, spotrain-gpu-train, and spotrain-worker,
-# spotrain-coordinator and spotrain when built, for tests/gpu/worker_test.py), lib/ (every shared library they load
+# spotrain-coordinator and spotrain when built, for tests/gpu/worker_test.py; with
+# SPOTRAIN_PACKAGE_BASELINE, an earlier spotrain-gpu-train as spotrain-gpu-train-baseline),
+# lib/ (every shared library they load
 # except the C library, the dynamic loader and the CUDA driver/runtime/cuBLAS/NCCL libraries,
 # which the GPU machine has), run.sh (a copy of tests/gpu/run.sh) and MANIFEST. Then, on the
 # GPU machine: SPOTRAIN_PREBUILT=OUTDIR OUTDIR/run.sh RESULTS_DIR
@@ -27,6 +29,13 @@ done
 for b in spotrain-gpu-train spotrain-worker spotrain-coordinator spotrain; do
   [[ -x $build/bin/$b ]] && binaries+=("$build/bin/$b")
 done
+# SPOTRAIN_PACKAGE_BASELINE=<spotrain-gpu-train of an earlier commit> (tests/gpu/build_baseline.sh)
+# goes in as bin/spotrain-gpu-train-baseline, for run.sh's side-by-side benchmark.
+baseline=${SPOTRAIN_PACKAGE_BASELINE:-}
+if [[ -n $baseline && ! -x $baseline ]]; then
+  echo "package: SPOTRAIN_PACKAGE_BASELINE=$baseline is not an executable" >&2
+  exit 1
+fi
 if ((${#binaries[@]} == 0)); then
   echo "package: no GPU binaries in $build (build tests/gpu_* and spotrain-gpu-train first)" >&2
   exit 1
@@ -39,8 +48,13 @@ mkdir -p "$out/bin" "$out/lib"
 skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|librt\.so|libpthread\.so|libutil\.so|libresolv\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libnccl\.so|libnvidia-)'
 declare -A copied=()
 missing=()
+[[ -n $baseline ]] && binaries+=("$baseline")
 for bin in "${binaries[@]}"; do
-  cp "$bin" "$out/bin/"
+  if [[ $bin == "$baseline" ]]; then
+    cp "$bin" "$out/bin/spotrain-gpu-train-baseline"
+  else
+    cp "$bin" "$out/bin/"
+  fi
   while read -r name arrow path _; do
     [[ $arrow == "=>" ]] || continue
     base=$(basename "$name")
@@ -63,7 +77,7 @@ strip --strip-unneeded "$out"/lib/*.so* "$out"/bin/* 2>/dev/null || true
 cp tests/gpu/run.sh "$out/run.sh"
 # The worker test (run.sh phase 1b) and the harness it imports, at their repository paths.
 mkdir -p "$out/tests/gpu" "$out/tests/integration"
-cp tests/gpu/worker_test.py "$out/tests/gpu/"
+cp tests/gpu/worker_test.py tests/gpu/side_by_side.py "$out/tests/gpu/"
 cp tests/integration/harness.py "$out/tests/integration/"
 chmod +x "$out/run.sh"
 {
@@ -72,6 +86,9 @@ chmod +x "$out/run.sh"
   echo "built on: $(. /etc/os-release && echo "$PRETTY_NAME"), $(uname -m)"
   echo "cuda: $(/usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -1)"
   echo "cuda architectures: $(grep -E '^CMAKE_CUDA_ARCHITECTURES' "$build/CMakeCache.txt" | cut -d= -f2)"
+  if [[ -n $baseline ]]; then
+    echo "baseline source: $(cat "$baseline.source" 2>/dev/null || echo "unknown ($baseline)")"
+  fi
   echo "binaries:"
   for bin in "$out"/bin/*; do echo "  bin/$(basename "$bin")"; done
   echo "libraries (from the build machine):"

@@ -9,6 +9,9 @@
 #   2. GPT-2 124M training throughput on one GPU, fp32 / tf32 / bf16, uniformly random tokens
 #      (no dataset): ms/step, tokens/s, MFU by llm.c's 6N + 6LCT FLOPs per token against the
 #      GPU's dense peak for that arithmetic (H100 SXM: fp32 67, tf32 495, bf16 989 TFLOP/s);
+#   2b. (when the package holds bin/spotrain-gpu-train-baseline) the same benchmark with an
+#      earlier build and this one, alternately, so that a change's gain is a ratio measured
+#      in one run (baseline.md);
 #   3. (SPOTRAIN_GPU_BF16_DIAG=1; about a minute; off by default since run 2 explained it) a
 #      diagnosis of bf16 training, which diverged on the first H100 run
 #      (docs/gpu-results.md: the benchmark's set-up, not bf16): bf16 vs fp32 gradients on
@@ -19,8 +22,8 @@
 #   5. (SPOTRAIN_GPU_PROFILE=1; about 30 s) where one bf16 step's time goes, kernel by kernel
 #      (bench/gpu/profile_kernels.sh under Nsight Compute: kernels.md);
 # then prints a summary table last. Full logs go to DIR (env.txt, tests.log, bench.log,
-# bench.json, summary.md, and bf16_diag.log, sanitize.log, kernels.md, build.log when those
-# phases run).
+# bench.json, summary.md, and baseline.md with baseline/, bf16_diag.log, sanitize.log,
+# kernels.md, build.log when those phases run).
 #
 #   tests/gpu/run.sh DIR
 # Binaries come from, in order:
@@ -219,6 +222,51 @@ timeout --kill-after=10 "$bench_timeout" "$bench" --model gpt2-124m \
 bench_rc=$?
 tail -n +1 "$out/bench.log" | grep -E '^(device|model|peaks|fp32|tf32|bf16) ' || true
 
+# ---- 2b. side by side with an earlier build -----------------------------------------------
+# With a baseline spotrain-gpu-train (bin/spotrain-gpu-train-baseline of a package made with
+# SPOTRAIN_PACKAGE_BASELINE, see tests/gpu/build_baseline.sh; or SPOTRAIN_BENCH_BASELINE=<binary>)
+# the benchmark runs again, alternately with the baseline and with this build,
+# SPOTRAIN_BASELINE_ROUNDS times (2) in SPOTRAIN_BASELINE_PRECISIONS (bf16,fp32). The ratio
+# of the two is what the commits between them gained, measured on one GPU within a minute
+# rather than against a number from another day (baseline.md, logs in baseline/).
+baseline_bin=${SPOTRAIN_BENCH_BASELINE:-}
+if [[ -z $baseline_bin && -n ${pre:-} && -x ${pre}/bin/spotrain-gpu-train-baseline ]]; then
+  baseline_bin=$pre/bin/spotrain-gpu-train-baseline
+fi
+baseline_rc=0
+if [[ -n $baseline_bin ]]; then
+  baseline_source=$(cat "$baseline_bin.source" 2>/dev/null)
+  if [[ -z $baseline_source && -n ${pre:-} && -f $pre/MANIFEST ]]; then
+    baseline_source=$(sed -n 's/^baseline source: //p' "$pre/MANIFEST" | head -1)
+  fi
+  baseline_source=${baseline_source:-unknown}
+  rounds=${SPOTRAIN_BASELINE_ROUNDS:-2}
+  precisions=${SPOTRAIN_BASELINE_PRECISIONS:-bf16,fp32}
+  log "side by side: baseline ($baseline_source) and this build, $rounds rounds of $precisions"
+  mkdir -p "$out/baseline"
+  for ((round = 1; round <= rounds; ++round)); do
+    for which in baseline current; do
+      bin=$bench
+      [[ $which == baseline ]] && bin=$baseline_bin
+      timeout --kill-after=10 "$bench_timeout" "$bin" --model gpt2-124m \
+        --batch "${SPOTRAIN_BENCH_BATCH:-16}" --seq 1024 --steps "${SPOTRAIN_BENCH_STEPS:-20}" \
+        --warmup 3 --precision "$precisions" --json "$out/baseline/$which-$round.json" \
+        >"$out/baseline/$which-$round.log" 2>&1 </dev/null || baseline_rc=1
+    done
+  done
+  side_by_side=""
+  for f in "$script_dir/tests/gpu/side_by_side.py" "$script_dir/side_by_side.py"; do
+    [[ -f $f ]] && { side_by_side=$f; break; }
+  done
+  if command -v python3 >/dev/null && [[ -n $side_by_side ]]; then
+    python3 "$side_by_side" "$out/baseline" "$rounds" "$baseline_source" \
+      >"$out/baseline.md" || baseline_rc=1
+  else
+    echo "no python3 or no side_by_side.py: see $out/baseline/*.log" >"$out/baseline.md"
+  fi
+  summary_rows+=("| side by side with the baseline (baseline.md) | $([[ $baseline_rc == 0 ]] && echo ok || echo "SOME RUNS FAILED (baseline/*.log)") | $rounds rounds | |")
+fi
+
 # ---- 3. bf16 diagnosis -----------------------------------------------------------------------
 diag_rc=0
 if [[ ${SPOTRAIN_GPU_BF16_DIAG:-0} == 1 ]]; then
@@ -298,6 +346,10 @@ fi
     tail -5 "$out/bench.log"
   fi
   sed -n '/^| precision/,$p' "$out/bench.log"
+  if [[ -s $out/baseline.md ]]; then
+    echo
+    cat "$out/baseline.md"
+  fi
   if [[ -s $out/bf16_diag.log ]]; then
     echo
     echo "bf16 diagnosis (bf16_diag.log$([[ $diag_rc == 0 ]] || echo ", SOME RUNS FAILED")):"
