@@ -20,7 +20,8 @@
 #      tell a shape effect (B, T) from a many-steps effect and from cuBLAS atomics;
 #   4. (SPOTRAIN_GPU_SANITIZE=1) the kernel tests under compute-sanitizer memcheck;
 #   5. (SPOTRAIN_GPU_PROFILE=1; about 30 s) where one bf16 step's time goes, kernel by kernel
-#      (bench/gpu/profile_kernels.sh under Nsight Compute: kernels.md);
+#      (bench/gpu/profile_kernels.sh under Nsight Compute: kernels.md; with a baseline, its
+#      step too: kernels-baseline.md);
 # then prints a summary table last. Full logs go to DIR (env.txt, tests.log, bench.log,
 # bench.json, summary.md, and baseline.md with baseline/, bf16_diag.log, sanitize.log,
 # kernels.md, build.log when those phases run).
@@ -321,6 +322,15 @@ if [[ ${SPOTRAIN_GPU_PROFILE:-0} == 1 ]]; then
       "$bench" </dev/null || profile_rc=$?
     [[ -f $profile_dir/kernels.md ]] && cp "$profile_dir/kernels.md" "$out/kernels.md"
     summary_rows+=("| kernel profile (kernels.md) | $([[ $profile_rc == 0 ]] && echo ok || echo "FAILED (exit $profile_rc)") | | |")
+    if [[ -n $baseline_bin ]]; then  # the baseline's kernels, for a table per kernel
+      log "kernel profile of one bf16 step of the baseline"
+      base_rc=0
+      timeout --kill-after=10 "${SPOTRAIN_PROFILE_TIMEOUT:-240}" bash "$profiler" \
+        "$profile_dir/baseline" "$baseline_bin" </dev/null || base_rc=$?
+      [[ -f $profile_dir/baseline/kernels.md ]] &&
+        cp "$profile_dir/baseline/kernels.md" "$out/kernels-baseline.md"
+      summary_rows+=("| kernel profile of the baseline (kernels-baseline.md) | $([[ $base_rc == 0 ]] && echo ok || echo "FAILED (exit $base_rc)") | | |")
+    fi
   else
     summary_rows+=("| kernel profile | not run (bench/gpu/profile_kernels.sh not found) | | |")
   fi
