@@ -11,12 +11,18 @@
 
 #include <algorithm>
 #include <array>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <unordered_set>
 #include <vector>
+
+#include "tests/emulation/emulated_streams.h"
 
 namespace spotrain::cuda_emulation {
 namespace {
@@ -321,6 +327,90 @@ void WarpShuffleXor(unsigned mask, const void* in, void* out, size_t bytes, int 
   std::memcpy(out, &slots[(lane ^ lane_mask) & (kWarp - 1)], bytes);
 }
 
+// ---- streams (emulated_streams.h) ------------------------------------------------------------
+namespace {
+
+// A stream made by cudaStreamCreate*: a FIFO of tasks and, once one was enqueued, a thread
+// that runs them in order.
+class Stream {
+ public:
+  ~Stream() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void Enqueue(std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(task));
+    if (!thread_.joinable()) thread_ = std::thread([this] { Run(); });
+    cv_.notify_all();
+  }
+
+  // Runs `work` at once when nothing is pending, else queues it behind the pending work.
+  void RunOrEnqueue(std::function<void()> work) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!tasks_.empty()) {
+        tasks_.push_back(std::move(work));
+        cv_.notify_all();
+        return;
+      }
+    }
+    work();
+  }
+
+  bool Idle() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return tasks_.empty();
+  }
+
+  void Drain() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return tasks_.empty(); });
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;  // stopping with nothing left
+      std::function<void()> task = tasks_.front();
+      lock.unlock();
+      task();
+      lock.lock();
+      tasks_.pop_front();  // only now: a task counts as pending while it runs
+      cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+std::mutex g_streams_mutex;
+std::unordered_set<Stream*> g_streams;  // every live stream, for cudaDeviceSynchronize
+
+Stream* AsStream(cudaStream_t stream) { return reinterpret_cast<Stream*>(stream); }
+
+}  // namespace
+
+void EnqueueOnStream(cudaStream_t stream, std::function<void()> task) {
+  if (stream == nullptr) Fatal("EnqueueOnStream: work in flight needs a created stream");
+  AsStream(stream)->Enqueue(std::move(task));
+}
+
+void DrainStream(cudaStream_t stream) {
+  if (stream != nullptr) AsStream(stream)->Drain();
+}
+
 void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()>& thread_body) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -541,8 +631,11 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind 
 }
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
-                            cudaStream_t /*stream*/) {
-  return cudaMemcpy(dst, src, count, kind);
+                            cudaStream_t stream) {
+  if (stream == nullptr) return cudaMemcpy(dst, src, count, kind);
+  spotrain::cuda_emulation::AsStream(stream)->RunOrEnqueue(
+      [=] { cudaMemcpy(dst, src, count, kind); });
+  return cudaSuccess;
 }
 
 cudaError_t cudaMemset(void* ptr, int value, size_t count) {
@@ -550,24 +643,55 @@ cudaError_t cudaMemset(void* ptr, int value, size_t count) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t /*stream*/) {
-  return cudaMemset(ptr, value, count);
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t stream) {
+  if (stream == nullptr) return cudaMemset(ptr, value, count);
+  spotrain::cuda_emulation::AsStream(stream)->RunOrEnqueue([=] { cudaMemset(ptr, value, count); });
+  return cudaSuccess;
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int /*flags*/) {
-  // A distinct, never dereferenced handle per stream.
-  *stream = reinterpret_cast<cudaStream_t>(new char);
+  using spotrain::cuda_emulation::Stream;
+  auto* s = new Stream;
+  {
+    std::lock_guard<std::mutex> lock(spotrain::cuda_emulation::g_streams_mutex);
+    spotrain::cuda_emulation::g_streams.insert(s);
+  }
+  *stream = reinterpret_cast<cudaStream_t>(s);
   return cudaSuccess;
 }
 
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
-  delete reinterpret_cast<char*>(stream);
+  if (stream == nullptr) return cudaErrorInvalidResourceHandle;
+  auto* s = spotrain::cuda_emulation::AsStream(stream);
+  {
+    std::lock_guard<std::mutex> lock(spotrain::cuda_emulation::g_streams_mutex);
+    spotrain::cuda_emulation::g_streams.erase(s);
+  }
+  s->Drain();  // CUDA lets queued work finish after a destroy; here the destroy waits for it
+  delete s;
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) { return cudaSuccess; }
-cudaError_t cudaStreamQuery(cudaStream_t /*stream*/) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  spotrain::cuda_emulation::DrainStream(stream);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  if (stream == nullptr || spotrain::cuda_emulation::AsStream(stream)->Idle()) return cudaSuccess;
+  return cudaErrorNotReady;
+}
+
+cudaError_t cudaDeviceSynchronize() {
+  std::vector<spotrain::cuda_emulation::Stream*> streams;
+  {
+    std::lock_guard<std::mutex> lock(spotrain::cuda_emulation::g_streams_mutex);
+    streams.assign(spotrain::cuda_emulation::g_streams.begin(),
+                   spotrain::cuda_emulation::g_streams.end());
+  }
+  for (auto* s : streams) s->Drain();
+  return cudaSuccess;
+}
 
 cudaError_t cudaGetLastError() {
   const cudaError_t e = g_last_error;

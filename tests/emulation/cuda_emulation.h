@@ -21,7 +21,8 @@
 //    barrier some threads of a block never reach (deadlock), a warp shuffle over lanes that
 //    have exited or do not exist, a mask other than all lanes, a block over 1024 threads;
 //  - cannot: timing; the GPU's memory model and scheduling beyond the orders it tries; races
-//    between streams or a host read before a stream synchronisation (work is synchronous);
+//    between streams or a host read before a stream synchronisation (work is synchronous,
+//    except the emulated NCCL's collectives, emulated_streams.h);
 //    last-bit results (nvcc contracts a * b + c into one FMA by default, the emulator does not;
 //    host libm instead of device math; OpenBLAS's summation order instead of cuBLAS's), so
 //    only code whose rounding the intrinsics below pin can be compared bit for bit with a GPU;
@@ -43,6 +44,8 @@
 #include <cstring>
 #include <functional>
 #include <type_traits>
+
+#include "tests/emulation/emulated_streams.h"
 
 // __shared__ variables: function-local statics (zero at first, then what the previous block
 // left; GCC cannot gather the statics of function templates in one section to poison them).
@@ -74,24 +77,26 @@ void RunGrid(dim3 grid, dim3 block, const char* name, const std::function<void()
 template <typename Body>
 class PendingLaunch {
  public:
-  PendingLaunch(dim3 grid, dim3 block, const char* name, Body body)
-      : grid_(grid), block_(block), name_(name), body_(std::move(body)) {}
+  PendingLaunch(dim3 grid, dim3 block, cudaStream_t stream, const char* name, Body body)
+      : grid_(grid), block_(block), stream_(stream), name_(name), body_(std::move(body)) {}
   template <typename... Args>
   void operator()(Args... args) {
+    DrainStream(stream_);  // in stream order: after the work still in flight there
     RunGrid(grid_, block_, name_, [&] { body_(args...); });
   }
 
  private:
   dim3 grid_;
   dim3 block_;
+  cudaStream_t stream_;
   const char* name_;
   Body body_;
 };
 
 template <typename Body>
-PendingLaunch<Body> Launch(dim3 grid, dim3 block, cudaStream_t /*stream: work is synchronous*/,
-                           const char* name, Body body) {
-  return PendingLaunch<Body>(grid, block, name, std::move(body));
+PendingLaunch<Body> Launch(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
+                           Body body) {
+  return PendingLaunch<Body>(grid, block, stream, name, std::move(body));
 }
 
 }  // namespace spotrain::cuda_emulation
