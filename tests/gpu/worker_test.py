@@ -1,6 +1,6 @@
 """The worker training on a GPU, as real processes (label `gpu`; issue: GPU path).
 
-One GPU, so one rank at a time (NCCL rejects two ranks on one device). Scenarios:
+One rank per GPU (NCCL rejects two ranks on one device). Scenarios:
   standalone_repeatable  the same deterministic run twice on the GPU: equal digests; its
                          validation loss is close to the CPU's on the same config.
   kill_and_restore       elastic run under a coordinator on cuda:0; kill -9 the worker after
@@ -9,6 +9,14 @@ One GPU, so one rank at a time (NCCL rejects two ranks on one device). Scenarios
                          replica: host state -> device).
   cpu_worker_refused     a CPU worker asking to join a GPU run is refused with the reason.
   bf16                   precision bf16 under a coordinator: finishes, loss goes down.
+  nccl_shrink            three GPU ranks, the lowest killed with -9: the survivors shrink
+                         their NCCL communicator and end with the one-GPU run's digest.
+  nccl_frozen_peer       three GPU ranks, one frozen with SIGSTOP: the hung collective is
+                         revoked, the survivors go on and end with that digest.
+  nccl_grow              two GPU ranks, a third joins (new communicator, state broadcast):
+                         all three end with that digest.
+The last three need a GPU per rank (3), or the emulator, where every rank has cuda:0 and
+the emulated NCCL links processes over TCP; with fewer GPUs they print "skipped" and pass.
 
 Exit code 77 (ctest: skipped) when this machine has no usable GPU or the build has no CUDA.
 SPOTRAIN_TEST_EMULATED=1 (ctest's emulated.worker, on the worker built for the CPU emulator of
@@ -163,11 +171,140 @@ def bf16():
     run_cluster("gpu-bf16", cfg, body)
 
 
+def gpu_devices(n):
+    """Devices for n GPU workers on this machine, or None: on the emulator every worker has
+    the one emulated cuda:0; on GPUs, NCCL needs a device per rank (cuda:0 .. cuda:n-1)."""
+    if EMULATED:
+        return [DEVICE] * n
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    return [f"cuda:{i}" for i in range(n)] if count >= n else None
+
+
+def ranks_config(**overrides):
+    """Three ranks, one micro-batch each; timeouts for three emulated GPUs sharing 2 cores."""
+    return config(global_batch=6, micro_batch=2, steps=steps(40), heartbeat_timeout_ms=5000,
+                  op_timeout_ms=60000, **overrides)
+
+
+def nccl_log_lines(cluster, names):
+    return [line for n in names for line in cluster.workers[n].output().splitlines()
+            if "NCCL communicator" in line]
+
+
+def check_reference_digests(cluster, names, reference):
+    digests = cluster.digests()
+    for n in names:
+        check(digests.get(n) == reference, f"{n} ended with digest {str(digests.get(n))[:16]}, "
+              f"the uninterrupted one-GPU run with {reference[:16]}:\n{cluster.workers[n].tail()}")
+
+
+def nccl_shrink():
+    """Three GPU ranks; the lowest (the hub of the emulated NCCL's star) is killed with -9 at
+    step 4: the survivors shrink their NCCL communicator (no new unique id), keep their state
+    and finish with the digest of an uninterrupted one-GPU run (deterministic mode)."""
+    devices = gpu_devices(3)
+    if devices is None:
+        print("  skipped: needs 3 GPUs (NCCL runs one rank per device)")
+        return
+    cfg = ranks_config()
+    reference = gpu_reference(cfg)[0]
+
+    def body(cluster):
+        names = ["r1", "r2", "r3"]
+        for n, d in zip(names, devices):
+            cluster.start_worker(n, "--device", d)
+        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 600,
+                            "three GPU ranks training")
+        victim = next((n for n in names if re.search(r"rank 0 of 3", cluster.workers[n].output())),
+                      "r1")
+        cluster.workers[victim].signal(signal.SIGKILL)
+        survivors = [n for n in names if n != victim]
+        cluster.wait_done(timeout=900)
+        check_reference_digests(cluster, survivors, reference)
+        lines = nccl_log_lines(cluster, survivors)
+        check(any("shrunk from epoch" in line for line in lines),
+              f"no survivor shrank its NCCL communicator (killed {victim}): {lines}\n"
+              + cluster.workers[survivors[0]].tail())
+        lost = [e for e in cluster.events() if e.get("cause") in ("lost", "collective_failed")]
+        check(lost, f"no loss in the events: {cluster.events()}")
+        check(sum(e.get("lost_steps", 0) for e in lost) <= 1,
+              f"more than one step lost: {lost}")
+        print(f"  killed {victim}; survivors: {'; '.join(lines)}")
+
+    run_cluster("gpu-shrink", cfg, body)
+
+
+def nccl_frozen_peer():
+    """Three GPU ranks; one is frozen with SIGSTOP mid-run (its sockets stay open, so the
+    survivors' collective hangs rather than fails): the coordinator's missed heartbeats end
+    the epoch, the survivors revoke the hung collective, shrink, and finish with the
+    reference digest."""
+    devices = gpu_devices(3)
+    if devices is None:
+        print("  skipped: needs 3 GPUs (NCCL runs one rank per device)")
+        return
+    cfg = ranks_config()
+    reference = gpu_reference(cfg)[0]
+
+    def body(cluster):
+        names = ["f1", "f2", "f3"]
+        for n, d in zip(names, devices):
+            cluster.start_worker(n, "--device", d)
+        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 600,
+                            "three GPU ranks training")
+        frozen = cluster.workers["f3"]
+        frozen.signal(signal.SIGSTOP)
+        try:
+            cluster.wait_status(lambda s: s["world_size"] == 2, 300,
+                                "the survivors to go on without the frozen rank")
+            cluster.wait_done(timeout=900)
+        finally:
+            frozen.signal(signal.SIGKILL)
+        check_reference_digests(cluster, ["f1", "f2"], reference)
+        lines = nccl_log_lines(cluster, ["f1", "f2"])
+        check(lines, "the survivors built no NCCL communicator for the new epoch")
+        print(f"  survivors: {'; '.join(lines)}")
+
+    run_cluster("gpu-frozen", cfg, body)
+
+
+def nccl_grow():
+    """Two GPU ranks, then a third joins: a new NCCL communicator over old and new ranks
+    (fresh unique id), the new rank gets the state by broadcast, and all finish with the
+    reference digest."""
+    devices = gpu_devices(3)
+    if devices is None:
+        print("  skipped: needs 3 GPUs (NCCL runs one rank per device)")
+        return
+    cfg = ranks_config()
+    reference = gpu_reference(cfg)[0]
+
+    def body(cluster):
+        cluster.start_worker("j1", "--device", devices[0])
+        cluster.start_worker("j2", "--device", devices[1])
+        cluster.wait_status(lambda s: s["world_size"] == 2 and s["step"] >= 3, 600,
+                            "two GPU ranks training")
+        cluster.start_worker("j3", "--device", devices[2])
+        cluster.wait_status(lambda s: s["world_size"] == 3, 600, "the third rank to join")
+        cluster.wait_done(timeout=900)
+        check_reference_digests(cluster, ["j1", "j2", "j3"], reference)
+        joined = [e for e in cluster.events() if e.get("cause") == "joined"]
+        check(joined, f"no join in the events: {cluster.events()}")
+        check("broadcast" in str(joined[-1].get("state_source", "")).lower(),
+              f"the joiner did not get the state by broadcast: {joined[-1]}")
+
+    run_cluster("gpu-grow", cfg, body)
+
+
 SCENARIOS = {
     "standalone_repeatable": standalone_repeatable,
     "kill_and_restore": kill_and_restore,
     "cpu_worker_refused": cpu_worker_refused,
     "bf16": bf16,
+    "nccl_shrink": nccl_shrink,
+    "nccl_frozen_peer": nccl_frozen_peer,
+    "nccl_grow": nccl_grow,
 }
 
 if __name__ == "__main__":
