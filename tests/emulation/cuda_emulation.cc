@@ -683,13 +683,9 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) {
 }
 
 cudaError_t cudaDeviceSynchronize() {
-  std::vector<spotrain::cuda_emulation::Stream*> streams;
-  {
-    std::lock_guard<std::mutex> lock(spotrain::cuda_emulation::g_streams_mutex);
-    streams.assign(spotrain::cuda_emulation::g_streams.begin(),
-                   spotrain::cuda_emulation::g_streams.end());
-  }
-  for (auto* s : streams) s->Drain();
+  // Under the lock: a stream destroyed meanwhile waits for this (and is not freed under it).
+  std::lock_guard<std::mutex> lock(spotrain::cuda_emulation::g_streams_mutex);
+  for (auto* s : spotrain::cuda_emulation::g_streams) s->Drain();
   return cudaSuccess;
 }
 

@@ -19,6 +19,10 @@
 // How data moves: the lowest rank is the hub of a star; an all-reduce sends every rank's
 // buffer to it, which sums them in rank order and sends the sum back; a broadcast goes
 // through it. Types: int8/uint8, int32/uint32, int64/uint64, float32, float64; sum only.
+// Two switches make it behave as NCCL may elsewhere: SPOTRAIN_EMULATED_NCCL_SILENT_LOSS=1 (a
+// dead peer sets no async error, the collective only hangs) and
+// SPOTRAIN_EMULATED_NCCL_DEFER_MS=N (collectives return ncclInProgress and reach the stream
+// N ms later).
 //
 // Each process has one listening socket (127.0.0.1, a free port), started on first use; a
 // connection says which communicator (a key) and which rank it is for.
@@ -35,12 +39,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -261,8 +267,11 @@ class Listener {
       socklen_t len = sizeof(peer);
       const int fd = accept4(fd_, reinterpret_cast<sockaddr*>(&peer), &len, SOCK_CLOEXEC);
       if (fd < 0) {
-        if (errno == EINTR || errno == ECONNABORTED) continue;
-        return;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));  // wait for free fds
+        }
+        if (errno != EBADF && errno != EINVAL) continue;
+        return;  // the listening socket itself is gone
       }
       // A connection that does not say who it is within 10 s is dropped.
       timeval timeout{10, 0};
@@ -270,7 +279,7 @@ class Listener {
       uint32_t head[4];
       Arrival a;
       if (!ReadAll(fd, head, sizeof(head)) || head[0] != kMagic ||
-          !ReadString(fd, &a.hello.key, 256)) {
+          !ReadString(fd, &a.hello.key, 1 << 16)) {
         close(fd);
         continue;
       }
@@ -326,6 +335,7 @@ struct CommState {
   bool revoked = false;
   bool aborted = false;
   int in_flight = 0;          // collectives enqueued and not finished
+  int deferred = 0;           // of those, not yet on the stream (DeferMs)
   uint64_t issued = 0;        // collectives enqueued so far (their numbers)
   int shrinks = 0;            // children made (their keys count them)
   std::vector<int> open_fds;  // every socket, for revoke / abort
@@ -336,14 +346,17 @@ struct CommState {
     for (int fd : open_fds) close(fd);
   }
 
+  // Aborted or revoked: a bootstrap in progress gives up.
   bool stopped() {
     std::lock_guard<std::mutex> lock(mu);
-    return aborted;
+    return aborted || revoked;
   }
-  void Track(int fd) {
+  // Keeps `fd` for revoke / abort / the destructor; false (and not kept) once stopped.
+  bool Track(int fd) {
     std::lock_guard<std::mutex> lock(mu);
+    if (aborted || revoked) return false;
     open_fds.push_back(fd);
-    if (aborted || revoked) shutdown(fd, SHUT_RDWR);
+    return true;
   }
   void ShutdownLocked() {
     for (int fd : open_fds) shutdown(fd, SHUT_RDWR);
@@ -368,13 +381,13 @@ constexpr char kIdPrefix[] = "emulated-nccl";
 
 // Connects to `to` for `key` until it answers (or the communicator is aborted): -1 then.
 int Dial(CommState& s, const Address& to, const std::string& key) {
+  const Hello hello{key, static_cast<uint32_t>(s.rank), static_cast<uint32_t>(s.nranks),
+                    static_cast<uint32_t>(Listener::Get().port())};
   while (!s.stopped()) {
     const int fd = Connect(to.host, to.port);
     if (fd >= 0) {
-      s.Track(fd);
-      Hello hello{key, static_cast<uint32_t>(s.rank), static_cast<uint32_t>(s.nranks),
-                  static_cast<uint32_t>(Listener::Get().port())};
-      if (SendHello(fd, hello)) return fd;
+      if (SendHello(fd, hello) && s.Track(fd)) return fd;
+      close(fd);  // not tracked: a failed try, or the communicator stopped meanwhile
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -382,19 +395,48 @@ int Dial(CommState& s, const Address& to, const std::string& key) {
 }
 
 // The star's links: the lowest rank takes one from every other rank.
+// The star's links: the lowest rank takes one from every other rank, checks that they agree
+// on the number of ranks, and acknowledges each once it has them all; a rank is ready only
+// then (a hello the hub never takes leaves the sender in progress, as NCCL stays).
 void ConnectLinks(CommState& s) {
   const std::string key = s.key + "/data";
   s.links.assign(s.nranks, -1);
+  const uint8_t ack = 1;
   if (s.rank == 0) {
     for (int r = 1; r < s.nranks; ++r) {
       Arrival a = Listener::Get().Take(key, r, [&] { return s.stopped(); });
-      if (a.fd < 0) return;  // aborted
-      s.Track(a.fd);
+      if (a.fd < 0) return;  // aborted or revoked
+      if (!s.Track(a.fd)) {
+        close(a.fd);
+        return;
+      }
       s.links[r] = a.fd;
+      if (static_cast<int>(a.hello.nranks) != s.nranks) {
+        s.Finish(ncclInvalidUsage, "rank " + std::to_string(r) + " joins a communicator of " +
+                                       std::to_string(a.hello.nranks) +
+                                       " ranks, the lowest rank one of " +
+                                       std::to_string(s.nranks) + " (different exclude lists?)");
+        return;
+      }
+    }
+    for (int r = 1; r < s.nranks; ++r) {
+      if (!WriteAll(s.links[r], &ack, 1)) {
+        if (!s.stopped()) s.Finish(ncclRemoteError, "a rank left while the links formed");
+        return;
+      }
     }
   } else {
     s.links[0] = Dial(s, s.listeners[0], key);
     if (s.links[0] < 0) return;
+    uint8_t got = 0;
+    if (!ReadAll(s.links[0], &got, 1) || got != ack) {
+      if (!s.stopped()) {
+        s.Finish(ncclRemoteError,
+                 "the lowest rank closed the link before acknowledging it (it is gone, or the "
+                 "ranks disagree on the number of ranks)");
+      }
+      return;
+    }
   }
   s.Finish(ncclSuccess, "");
 }
@@ -417,11 +459,17 @@ bool DecodeListeners(const std::string& text, int nranks, std::vector<Address>* 
 // The bootstrap root of one unique id, on a thread of the process that drew it (as NCCL's):
 // takes every rank's hello (rank 0 first, which says how many ranks there are), then sends
 // each the table of every rank's listener. Gives up after 10 minutes without all ranks.
+std::mutex g_roots_mutex;
+std::set<std::string> g_roots_unused;  // ids a one-rank communicator took: no rank will come
+
 void ServeRoot(std::string key) {
   const std::string boot = key + "/boot";
   Listener& listener = Listener::Get();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(10);
-  const auto expired = [&] { return std::chrono::steady_clock::now() > deadline; };
+  const auto expired = [&] {
+    std::lock_guard<std::mutex> lock(g_roots_mutex);
+    return g_roots_unused.count(key) > 0 || std::chrono::steady_clock::now() > deadline;
+  };
   std::vector<Arrival> ranks;
   ranks.push_back(listener.Take(boot, 0, expired));
   const int nranks = ranks[0].fd < 0 ? 0 : static_cast<int>(ranks[0].hello.nranks);
@@ -444,6 +492,8 @@ void ServeRoot(std::string key) {
     close(a.fd);
   }
   listener.Forget(boot);
+  std::lock_guard<std::mutex> lock(g_roots_mutex);
+  g_roots_unused.erase(key);
 }
 
 // ncclCommInitRankConfig's work: meet at the id's root, learn every rank's listener, link.
@@ -540,6 +590,22 @@ bool RunBroadcast(CommState& s, uint64_t seq, void* buffer, size_t bytes, int ro
   return ReceiveBlock(s.links[0], seq, buffer, bytes, why);
 }
 
+// SPOTRAIN_EMULATED_NCCL_SILENT_LOSS=1: a peer that is gone sets no async error; the
+// collective just hangs (as over NVLink / shared memory on one node, where nothing reports a
+// dead process) until a deadline or the coordinator makes its owner revoke or abort.
+bool SilentPeerLoss() {
+  const char* v = std::getenv("SPOTRAIN_EMULATED_NCCL_SILENT_LOSS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// SPOTRAIN_EMULATED_NCCL_DEFER_MS=N (> 0): every collective returns ncclInProgress and reaches
+// the stream N ms later (ncclCommGetAsyncError says ncclInProgress until then), as a
+// non-blocking NCCL call may; the caller must not order stream work after it before that.
+int DeferMs() {
+  const char* v = std::getenv("SPOTRAIN_EMULATED_NCCL_DEFER_MS");
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
 // Enqueues `run` on the stream as one collective of `comm`. A failure sets the async error
 // and leaves the collective hanging until a revoke or an abort, as a failed NCCL kernel does.
 ncclResult_t Enqueue(ncclComm_t comm, cudaStream_t stream, const char* what,
@@ -559,19 +625,43 @@ ncclResult_t Enqueue(ncclComm_t comm, cudaStream_t stream, const char* what,
     ++s->in_flight;
     seq = ++s->issued;
   }
-  spotrain::cuda_emulation::EnqueueOnStream(stream, [s, run, what, seq] {
+  auto task = [s, run, what, seq] {
     std::string why;
-    const bool ok = run(*s, seq, &why);
+    bool ok = false;
+    {
+      std::lock_guard<std::mutex> lock(s->mu);
+      ok = s->revoked || s->aborted;  // a collective that starts after a revoke does nothing
+    }
+    ok = ok || run(*s, seq, &why);
     std::unique_lock<std::mutex> lock(s->mu);
     if (!ok && !s->revoked && !s->aborted) {
-      s->async_error = ncclRemoteError;
-      s->error = std::string(what) + ": " + why;
+      if (!SilentPeerLoss()) {
+        s->async_error = ncclRemoteError;
+        s->error = std::string(what) + ": " + why;
+      }
       s->cv.wait(lock, [&] { return s->revoked || s->aborted; });
     }
     --s->in_flight;
     s->cv.notify_all();
-  });
-  return ncclSuccess;
+  };
+  const int defer_ms = DeferMs();
+  if (defer_ms <= 0) {
+    spotrain::cuda_emulation::EnqueueOnStream(stream, std::move(task));
+    return ncclSuccess;
+  }
+  // Enqueued later, by another thread: the state stays ncclInProgress until then.
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    ++s->deferred;
+  }
+  std::thread([s, stream, defer_ms, task = std::move(task)]() mutable {
+    std::this_thread::sleep_for(std::chrono::milliseconds(defer_ms));
+    spotrain::cuda_emulation::EnqueueOnStream(stream, std::move(task));
+    std::lock_guard<std::mutex> lock(s->mu);
+    --s->deferred;
+    s->cv.notify_all();
+  }).detach();
+  return ncclInProgress;
 }
 
 }  // namespace
@@ -623,6 +713,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId i
   state->nranks = nranks;
   if (nranks == 1) {
     state->init_state = ncclSuccess;
+    std::lock_guard<std::mutex> lock(g_roots_mutex);
+    g_roots_unused.insert(key);  // the id's root thread (if in this process) can stop
   } else {
     if (!Listener::Get().ok()) return Fail(ncclSystemError, Listener::Get().error());
     state->bootstrap = std::thread(Bootstrap, state.get(), root);
@@ -652,8 +744,12 @@ ncclResult_t ncclCommShrink(ncclComm_t comm, int* exclude, int exclude_count, nc
     std::lock_guard<std::mutex> lock(parent.mu);
     if (parent.init_state != ncclSuccess || parent.aborted) {
       return Fail(ncclInvalidUsage,
-                  "ncclCommShrink of a communicator that never finished "
-                  "initialising");
+                  "ncclCommShrink of a communicator that never finished initialising");
+    }
+    if (parent.in_flight > 0) {
+      return Fail(ncclInvalidUsage,
+                  "ncclCommShrink while collectives are in flight (revoke the communicator and "
+                  "wait until it is quiet first)");
     }
     child->key = parent.key + "/shrink" + std::to_string(++parent.shrinks);
   }
@@ -693,6 +789,11 @@ ncclResult_t ncclCommAbort(ncclComm_t comm) {
     s->cv.notify_all();
   }
   if (s->bootstrap.joinable()) s->bootstrap.join();
+  {
+    // A deferred collective still names the stream: let it get there first (N ms at most).
+    std::unique_lock<std::mutex> lock(s->mu);
+    s->cv.wait(lock, [&] { return s->deferred == 0; });
+  }
   Listener::Get().Forget(s->key + "/boot");
   Listener::Get().Forget(s->key + "/data");
   delete comm;  // collectives still on the stream keep the state until they return
@@ -705,12 +806,14 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
   std::lock_guard<std::mutex> lock(s.mu);
   if (s.init_state != ncclSuccess) {
     *state = s.init_state;
+  } else if (s.revoked) {
+    // NCCL 2.28: a revoke makes the state ncclInProgress until the communicator is quiet,
+    // then ncclSuccess (an earlier error included).
+    *state = s.in_flight > 0 ? ncclInProgress : ncclSuccess;
   } else if (s.async_error != ncclSuccess) {
     *state = s.async_error;
-  } else if (s.revoked && s.in_flight > 0) {
-    *state = ncclInProgress;  // revoking: collectives still stopping
   } else {
-    *state = ncclSuccess;
+    *state = s.deferred > 0 ? ncclInProgress : ncclSuccess;
   }
   return ncclSuccess;
 }

@@ -214,13 +214,15 @@ def nccl_shrink():
         names = ["r1", "r2", "r3"]
         for n, d in zip(names, devices):
             cluster.start_worker(n, "--device", d)
-        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 600,
+        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 300,
                             "three GPU ranks training")
         victim = next((n for n in names if re.search(r"rank 0 of 3", cluster.workers[n].output())),
-                      "r1")
+                      None)
+        check(victim, "no worker logged 'rank 0 of 3' (the log format changed?):\n"
+              + cluster.workers["r1"].tail())
         cluster.workers[victim].signal(signal.SIGKILL)
         survivors = [n for n in names if n != victim]
-        cluster.wait_done(timeout=900)
+        cluster.wait_done(timeout=600)
         check_reference_digests(cluster, survivors, reference)
         lines = nccl_log_lines(cluster, survivors)
         check(any("shrunk from epoch" in line for line in lines),
@@ -251,14 +253,14 @@ def nccl_frozen_peer():
         names = ["f1", "f2", "f3"]
         for n, d in zip(names, devices):
             cluster.start_worker(n, "--device", d)
-        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 600,
+        cluster.wait_status(lambda s: s["world_size"] == 3 and s["step"] >= 4, 300,
                             "three GPU ranks training")
         frozen = cluster.workers["f3"]
         frozen.signal(signal.SIGSTOP)
         try:
             cluster.wait_status(lambda s: s["world_size"] == 2, 300,
                                 "the survivors to go on without the frozen rank")
-            cluster.wait_done(timeout=900)
+            cluster.wait_done(timeout=600)
         finally:
             frozen.signal(signal.SIGKILL)
         check_reference_digests(cluster, ["f1", "f2"], reference)
@@ -283,11 +285,11 @@ def nccl_grow():
     def body(cluster):
         cluster.start_worker("j1", "--device", devices[0])
         cluster.start_worker("j2", "--device", devices[1])
-        cluster.wait_status(lambda s: s["world_size"] == 2 and s["step"] >= 3, 600,
+        cluster.wait_status(lambda s: s["world_size"] == 2 and s["step"] >= 3, 300,
                             "two GPU ranks training")
         cluster.start_worker("j3", "--device", devices[2])
-        cluster.wait_status(lambda s: s["world_size"] == 3, 600, "the third rank to join")
-        cluster.wait_done(timeout=900)
+        cluster.wait_status(lambda s: s["world_size"] == 3, 300, "the third rank to join")
+        cluster.wait_done(timeout=600)
         check_reference_digests(cluster, ["j1", "j2", "j3"], reference)
         joined = [e for e in cluster.events() if e.get("cause") == "joined"]
         check(joined, f"no join in the events: {cluster.events()}")
