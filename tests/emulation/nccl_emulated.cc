@@ -379,7 +379,8 @@ namespace {
 
 constexpr char kIdPrefix[] = "emulated-nccl";
 
-// Connects to `to` for `key` until it answers (or the communicator is aborted): -1 then.
+// Connects to `to` for `key` until it answers, or -1 once the communicator is aborted or
+// revoked.
 int Dial(CommState& s, const Address& to, const std::string& key) {
   const Hello hello{key, static_cast<uint32_t>(s.rank), static_cast<uint32_t>(s.nranks),
                     static_cast<uint32_t>(Listener::Get().port())};
@@ -394,7 +395,6 @@ int Dial(CommState& s, const Address& to, const std::string& key) {
   return -1;
 }
 
-// The star's links: the lowest rank takes one from every other rank.
 // The star's links: the lowest rank takes one from every other rank, checks that they agree
 // on the number of ranks, and acknowledges each once it has them all; a rank is ready only
 // then (a hello the hub never takes leaves the sender in progress, as NCCL stays).
@@ -456,12 +456,13 @@ bool DecodeListeners(const std::string& text, int nranks, std::vector<Address>* 
   return true;
 }
 
-// The bootstrap root of one unique id, on a thread of the process that drew it (as NCCL's):
-// takes every rank's hello (rank 0 first, which says how many ranks there are), then sends
-// each the table of every rank's listener. Gives up after 10 minutes without all ranks.
 std::mutex g_roots_mutex;
 std::set<std::string> g_roots_unused;  // ids a one-rank communicator took: no rank will come
 
+// The bootstrap root of one unique id, on a thread of the process that drew it (as NCCL's):
+// takes every rank's hello (rank 0 first, which says how many ranks there are), then sends
+// each the table of every rank's listener. Gives up after 10 minutes without all ranks, or
+// when a one-rank communicator took the id.
 void ServeRoot(std::string key) {
   const std::string boot = key + "/boot";
   Listener& listener = Listener::Get();
