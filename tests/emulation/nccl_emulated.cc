@@ -19,10 +19,10 @@
 // How data moves: the lowest rank is the hub of a star; an all-reduce sends every rank's
 // buffer to it, which sums them in rank order and sends the sum back; a broadcast goes
 // through it. Types: int8/uint8, int32/uint32, int64/uint64, float32, float64; sum only.
-// Two switches make it behave as NCCL may elsewhere: SPOTRAIN_EMULATED_NCCL_SILENT_LOSS=1 (a
-// dead peer sets no async error, the collective only hangs) and
+// Three switches make it behave as NCCL may elsewhere: SPOTRAIN_EMULATED_NCCL_SILENT_LOSS=1
+// (a dead peer sets no async error, the collective only hangs),
 // SPOTRAIN_EMULATED_NCCL_DEFER_MS=N (collectives return ncclInProgress and reach the stream
-// N ms later).
+// N ms later) and SPOTRAIN_EMULATED_NCCL_REVOKE_MS=N (a revoke takes N ms to finish).
 //
 // Each process has one listening socket (127.0.0.1, a free port), started on first use; a
 // connection says which communicator (a key) and which rank it is for.
@@ -607,6 +607,14 @@ int DeferMs() {
   return v == nullptr ? 0 : std::atoi(v);
 }
 
+// SPOTRAIN_EMULATED_NCCL_REVOKE_MS=N (> 0): a collective in flight when its communicator is
+// revoked takes N ms more to stop (an abort still stops it at once), so that a revoke can
+// outlast its caller's patience.
+int RevokeMs() {
+  const char* v = std::getenv("SPOTRAIN_EMULATED_NCCL_REVOKE_MS");
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
 // Enqueues `run` on the stream as one collective of `comm`. A failure sets the async error
 // and leaves the collective hanging until a revoke or an abort, as a failed NCCL kernel does.
 ncclResult_t Enqueue(ncclComm_t comm, cudaStream_t stream, const char* what,
@@ -641,6 +649,9 @@ ncclResult_t Enqueue(ncclComm_t comm, cudaStream_t stream, const char* what,
         s->error = std::string(what) + ": " + why;
       }
       s->cv.wait(lock, [&] { return s->revoked || s->aborted; });
+    }
+    if (s->revoked && !s->aborted && RevokeMs() > 0) {  // a slow revoke, unless aborted
+      s->cv.wait_for(lock, std::chrono::milliseconds(RevokeMs()), [&] { return s->aborted; });
     }
     --s->in_flight;
     s->cv.notify_all();

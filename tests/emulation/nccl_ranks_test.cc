@@ -213,6 +213,35 @@ TEST_F(NcclRanksTest, ACollectiveAStoppedPeerNeverJoinsIsRevokedAndTheRestShrink
   comms[1].reset();  // the stopped rank, aborted at last
 }
 
+// A revoke that does not finish within revoke_timeout: the communicator aborts instead, and
+// the survivors re-initialise (an aborted communicator cannot shrink).
+TEST_F(NcclRanksTest, ARevokeThatOutlastsItsTimeoutAbortsAndTheSurvivorsReinitialise) {
+  ScopedEnv slow("SPOTRAIN_EMULATED_NCCL_REVOKE_MS", "60000");
+  constexpr int kWorld = 3;
+  NcclOptions options = Options();
+  options.op_timeout = absl::Seconds(5);
+  options.revoke_timeout = absl::Milliseconds(300);
+  auto comms = MakeAll(1, kWorld, options);
+  for (const auto& c : comms) ASSERT_NE(c, nullptr);
+  std::vector<std::unique_ptr<NcclCommunicator>> next(kWorld);
+  std::vector<int64_t> got(kWorld, 0);
+  OnRanks(kWorld, [&](int r) {
+    if (r == 1) return;  // never joins the collective
+    int64_t x = 1;
+    const absl::Status hung = comms[r]->AllReduceSum(&x, 1);
+    EXPECT_EQ(hung.code(), absl::StatusCode::kUnavailable) << "rank " << r << ": " << hung;
+    auto child = comms[r]->Shrink({1}, kv_, 2);
+    ASSERT_TRUE(child.ok()) << "rank " << r << ": " << child.status();
+    EXPECT_TRUE(comms[r]->last_shrink_reinitialised()) << "rank " << r;
+    next[r] = *std::move(child);
+    int64_t y = 5 + r;
+    ASSERT_TRUE(next[r]->AllReduceSum(&y, 1).ok()) << "rank " << r;
+    got[r] = y;
+  });
+  EXPECT_EQ(got[0], 12);
+  EXPECT_EQ(got[2], 12);
+}
+
 TEST_F(NcclRanksTest, AFailedShrinkAnywhereMakesEverySurvivorReinitialise) {
   constexpr int kWorld = 3;
   auto comms = MakeAll(1, kWorld, Options());
