@@ -5,6 +5,8 @@
 // that aborts (the others' collective fails, they shrink without it), a peer that stops
 // taking part (the others' collective hangs until its deadline, is revoked, and they shrink),
 // and the shrunk communicator's collectives.
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -103,9 +105,22 @@ void NcclRanksTest::SumsAndBroadcasts() {
   std::vector<std::vector<int64_t>> got(kWorld);
   std::vector<std::vector<float>> floats(kWorld);
   std::vector<std::vector<uint8_t>> bytes(kWorld);
+  std::vector<std::vector<float>> on_device(kWorld);
   OnRanks(kWorld, [&](int r) {
     got[r] = Values(r, n);
     ASSERT_TRUE(comms[r]->AllReduceSum(got[r].data(), n).ok());
+    // Device memory is used in place (no staging): fp32 gradients as the GPU replica sums
+    // them, larger than a chunk.
+    on_device[r].assign(3000, 0.5f * (r + 1));
+    void* memory = nullptr;
+    ASSERT_EQ(cudaMalloc(&memory, 3000 * sizeof(float)), cudaSuccess);
+    float* device = static_cast<float*>(memory);
+    ASSERT_EQ(cudaMemcpy(device, on_device[r].data(), 3000 * sizeof(float), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_TRUE(comms[r]->AllReduceSum(device, 3000).ok());
+    ASSERT_EQ(cudaMemcpy(on_device[r].data(), device, 3000 * sizeof(float), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    cudaFree(device);
     // fp32: small integers, so that any order of summation gives the exact sum.
     floats[r].assign(2500, static_cast<float>(r + 1));
     ASSERT_TRUE(comms[r]->AllReduceSum(floats[r].data(), 2500).ok());
@@ -118,6 +133,7 @@ void NcclRanksTest::SumsAndBroadcasts() {
     EXPECT_EQ(got[r], want) << "rank " << r;
     EXPECT_EQ(floats[r], std::vector<float>(2500, 6.0f)) << "rank " << r;
     EXPECT_EQ(bytes[r], std::vector<uint8_t>(10000, 0xA5)) << "rank " << r;
+    EXPECT_EQ(on_device[r], std::vector<float>(3000, 3.0f)) << "rank " << r;
   }
 }
 

@@ -15,7 +15,10 @@ One rank per GPU (NCCL rejects two ranks on one device). Scenarios:
                          revoked, the survivors go on and end with that digest.
   nccl_grow              two GPU ranks, a third joins (new communicator, state broadcast):
                          all three end with that digest.
-The last three need a GPU per rank (3), or the emulator, where every rank has cuda:0 and
+  nccl_bf16_shrink       bf16, default mode (fp32 sums on the device), three GPU ranks, one
+                         killed: the survivors shrink and end within 2% of the one-GPU
+                         bf16 run's validation loss.
+The nccl_* scenarios need a GPU per rank (3), or the emulator, where every rank has cuda:0 and
 the emulated NCCL links processes over TCP; with fewer GPUs they print "skipped" and pass.
 
 Exit code 77 (ctest: skipped) when this machine has no usable GPU or the build has no CUDA.
@@ -199,15 +202,15 @@ def check_reference_digests(cluster, names, reference):
               f"the uninterrupted one-GPU run with {reference[:16]}:\n{cluster.workers[n].tail()}")
 
 
-def ranks_setup():
-    """(devices, config, reference digest) of the three-rank scenarios, or None (after
-    printing "skipped") where there is no device per rank."""
+def ranks_setup(**overrides):
+    """(devices, config, the one-GPU run (digest, val loss, output)) of the three-rank
+    scenarios, or None (after printing "skipped") where there is no device per rank."""
     devices = gpu_devices(3)
     if devices is None:
         print("  skipped: needs 3 GPUs (NCCL runs one rank per device)")
         return None
-    cfg = ranks_config()
-    return devices, cfg, gpu_reference(cfg)[0]
+    cfg = ranks_config(**overrides)
+    return devices, cfg, gpu_reference(cfg)
 
 
 def start_ranks(cluster, names, devices, min_step):
@@ -225,7 +228,7 @@ def nccl_shrink():
     setup = ranks_setup()
     if setup is None:
         return
-    devices, cfg, reference = setup
+    devices, cfg, (reference, _, _) = setup
 
     def body(cluster):
         names = ["r1", "r2", "r3"]
@@ -259,7 +262,7 @@ def nccl_frozen_peer():
     setup = ranks_setup()
     if setup is None:
         return
-    devices, cfg, reference = setup
+    devices, cfg, (reference, _, _) = setup
 
     def body(cluster):
         start_ranks(cluster, ["f1", "f2", "f3"], devices, 4)
@@ -288,7 +291,7 @@ def nccl_grow():
     setup = ranks_setup()
     if setup is None:
         return
-    devices, cfg, reference = setup
+    devices, cfg, (reference, _, _) = setup
 
     def body(cluster):
         start_ranks(cluster, ["j1", "j2"], devices, 3)
@@ -304,6 +307,36 @@ def nccl_grow():
     run_cluster("gpu-grow", cfg, body)
 
 
+def nccl_bf16_shrink():
+    """bf16 in default mode (fp32 gradients summed by NCCL on the device, not fixed point) on
+    three GPU ranks, one killed with -9 at step 4: the survivors shrink, finish, and their
+    validation loss is within 2% of the one-GPU bf16 run's (digests may differ: the order of
+    the fp32 sums does)."""
+    setup = ranks_setup(deterministic=False, precision="bf16")
+    if setup is None:
+        return
+    devices, cfg, (_, reference_loss, _) = setup
+
+    def body(cluster):
+        names = ["b1", "b2", "b3"]
+        start_ranks(cluster, names, devices, 4)
+        cluster.workers["b2"].signal(signal.SIGKILL)
+        survivors = ["b1", "b3"]
+        cluster.wait_done(timeout=600)
+        lines = nccl_log_lines(cluster, survivors)
+        check(any("shrunk from epoch" in line for line in lines),
+              f"no survivor shrank its NCCL communicator: {lines}")
+        for n in survivors:
+            loss = final_val_loss(cluster.workers[n].output())
+            check(loss is not None and abs(loss - reference_loss) / reference_loss < 0.02,
+                  f"{n}: final val loss {loss}, the one-GPU bf16 run's {reference_loss:.4f}:\n"
+                  + cluster.workers[n].tail())
+        print(f"  val loss: survivors {final_val_loss(cluster.workers['b1'].output()):.4f}, "
+              f"one GPU {reference_loss:.4f}")
+
+    run_cluster("gpu-bf16-shrink", cfg, body)
+
+
 SCENARIOS = {
     "standalone_repeatable": standalone_repeatable,
     "kill_and_restore": kill_and_restore,
@@ -312,6 +345,7 @@ SCENARIOS = {
     "nccl_shrink": nccl_shrink,
     "nccl_frozen_peer": nccl_frozen_peer,
     "nccl_grow": nccl_grow,
+    "nccl_bf16_shrink": nccl_bf16_shrink,
 }
 
 if __name__ == "__main__":
