@@ -273,34 +273,41 @@ class Listener {
         if (errno != EBADF && errno != EINVAL) continue;
         return;  // the listening socket itself is gone
       }
-      // A connection that does not say who it is within 10 s is dropped.
-      timeval timeout{10, 0};
-      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-      uint32_t head[4];
-      Arrival a;
-      if (!ReadAll(fd, head, sizeof(head)) || head[0] != kMagic ||
-          !ReadString(fd, &a.hello.key, 1 << 16)) {
-        close(fd);
-        continue;
-      }
-      timeval none{0, 0};
-      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
-      const int one = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      a.fd = fd;
-      a.hello.rank = head[1];
-      a.hello.nranks = head[2];
-      a.hello.port = head[3];
-      char ip[INET_ADDRSTRLEN] = "";
-      inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof(ip));
-      a.host = ip;
-      std::lock_guard<std::mutex> lock(mu_);
-      auto slot = std::make_pair(a.hello.key, static_cast<int>(a.hello.rank));
-      auto old = arrived_.find(slot);
-      if (old != arrived_.end()) close(old->second.fd);  // a retry replaces the first try
-      arrived_[slot] = std::move(a);
-      cv_.notify_all();
+      // Each hello is read on a thread of its own, so that a peer stopped halfway through
+      // one holds up no other connection.
+      std::thread([this, fd, peer] { Register(fd, peer); }).detach();
     }
+  }
+
+  // Reads a new connection's hello and files the connection under (key, rank).
+  void Register(int fd, sockaddr_in peer) {
+    // A connection that does not say who it is within 10 s is dropped.
+    timeval timeout{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    uint32_t head[4];
+    Arrival a;
+    if (!ReadAll(fd, head, sizeof(head)) || head[0] != kMagic ||
+        !ReadString(fd, &a.hello.key, 1 << 16)) {
+      close(fd);
+      return;
+    }
+    timeval none{0, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+    const int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    a.fd = fd;
+    a.hello.rank = head[1];
+    a.hello.nranks = head[2];
+    a.hello.port = head[3];
+    char ip[INET_ADDRSTRLEN] = "";
+    inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof(ip));
+    a.host = ip;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto slot = std::make_pair(a.hello.key, static_cast<int>(a.hello.rank));
+    auto old = arrived_.find(slot);
+    if (old != arrived_.end()) close(old->second.fd);  // a retry replaces the first try
+    arrived_[slot] = std::move(a);
+    cv_.notify_all();
   }
 
   std::string host_ = "127.0.0.1";
