@@ -13,9 +13,11 @@
 //     the async error ncclRemoteError, and the collective then hangs, as an NCCL kernel does,
 //     until ncclCommRevoke or ncclCommAbort. A peer that stops (SIGSTOP) hangs it too.
 //   - ncclCommShrink(parent, exclude) builds the child over the parent's other ranks,
-//     renumbered in order, without a new unique id, also after a revoke.
-//   - ncclCommRevoke stops in-flight collectives (in progress until they have) and refuses new
-//     ones; ncclCommAbort frees the communicator at once.
+//     renumbered in order, without a new unique id, also after a revoke; not while
+//     collectives are in flight. A rank is ready once the hub has acknowledged its link.
+//   - ncclCommRevoke stops in-flight collectives and refuses new ones: the state is
+//     ncclInProgress until they have stopped, then ncclSuccess (NCCL 2.28's nccl.h).
+//     ncclCommAbort frees the communicator at once.
 // How data moves: the lowest rank is the hub of a star; an all-reduce sends every rank's
 // buffer to it, which sums them in rank order and sends the sum back; a broadcast goes
 // through it. Types: int8/uint8, int32/uint32, int64/uint64, float32, float64; sum only.

@@ -1,10 +1,12 @@
 // The NCCL communicator (worker/nccl_communicator.h) over worker/nccl_api.cu with several
 // ranks, on the emulated NCCL (nccl_emulated.cc): ranks are threads of this process, each
 // with its own NcclApi (stream and staging buffers) on the emulated GPU, linked over TCP.
-// What one GPU cannot show: sums over ranks, a broadcast from a rank other than 0, a peer
-// that aborts (the others' collective fails, they shrink without it), a peer that stops
-// taking part (the others' collective hangs until its deadline, is revoked, and they shrink),
-// and the shrunk communicator's collectives.
+// What one GPU cannot show: sums over ranks (host and device buffers), a broadcast from a
+// rank other than 0, a peer that aborts (the others' collective fails, or with a silent loss
+// hangs until its deadline, and they shrink without it), a peer that stops taking part (the
+// others' collective hangs until its deadline, is revoked, and they shrink; with a revoke
+// slower than revoke_timeout they abort and re-initialise), a survivor that cannot shrink
+// (all re-initialise), and the new communicator's collectives.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
