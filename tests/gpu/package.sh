@@ -6,10 +6,10 @@
 # OUTDIR gets bin/ (tests/gpu_*, spotrain-gpu-train, and spotrain-worker,
 # spotrain-coordinator and spotrain when built, for tests/gpu/worker_test.py; with
 # SPOTRAIN_PACKAGE_BASELINE, an earlier spotrain-gpu-train as spotrain-gpu-train-baseline),
-# lib/ (every shared library they load
-# except the C library, the dynamic loader and the CUDA driver/runtime/cuBLAS/NCCL libraries,
-# which the GPU machine has), run.sh (a copy of tests/gpu/run.sh) and MANIFEST. Then, on the
-# GPU machine: SPOTRAIN_PREBUILT=OUTDIR OUTDIR/run.sh RESULTS_DIR
+# lib/ (every shared library they load except the C library, the dynamic loader and the CUDA
+# driver/runtime/cuBLAS/NCCL libraries, which the GPU machine has), run.sh (a copy of
+# tests/gpu/run.sh) and MANIFEST. Then, on the GPU machine:
+#   SPOTRAIN_PREBUILT=OUTDIR OUTDIR/run.sh RESULTS_DIR
 # Build first, e.g.:
 #   cmake -S . -B build-cuda -G Ninja -DSPOTRAIN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
 #   ninja -C build-cuda gpu_ops_test gpu_cuda_model_test \
