@@ -89,6 +89,12 @@ void ApplyRecord(const proto::JournalRecord& record, proto::CoordinatorState& st
     case proto::JournalRecord::kProgress:
       *state.mutable_progress() = record.progress();
       break;
+    case proto::JournalRecord::kEventOpened:
+      *state.mutable_open_event() = record.event_opened();
+      break;
+    case proto::JournalRecord::kEventWritten:
+      if (state.open_event().epoch() == record.event_written()) state.clear_open_event();
+      break;
     case proto::JournalRecord::KIND_NOT_SET:
       break;
   }

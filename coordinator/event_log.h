@@ -38,6 +38,9 @@ class EventLog {
   static absl::StatusOr<std::unique_ptr<EventLog>> Open(const std::string& path);
   absl::Status Write(const MembershipEvent& event);
   absl::Status Write(const IntervalDecision& decision);
+  // Whether one of the last lines (the last MiB) is the line of `event` (same time, epoch
+  // and cause): a line written just before a kill must not be written twice.
+  absl::StatusOr<bool> Contains(const MembershipEvent& event) const;
 
  private:
   EventLog(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}

@@ -50,6 +50,40 @@ std::string AppendDetail(const std::string& a, const std::string& b) {
 
 }  // namespace
 
+proto::PendingEvent ToPendingEvent(const MembershipEvent& e) {
+  proto::PendingEvent p;
+  p.set_detected_unix_us(absl::ToUnixMicros(e.detected));
+  p.set_epoch(e.epoch);
+  p.set_cause(e.cause);
+  p.set_detail(e.detail);
+  for (uint64_t id : e.before) p.add_before(id);
+  for (uint64_t id : e.after) p.add_after(id);
+  p.set_start_step(e.start_step);
+  p.set_state_source(e.state_source);
+  p.set_prepare_sent_ms(e.prepare_sent_ms);
+  p.set_plan_sent_ms(e.plan_sent_ms);
+  p.set_first_step_ms(e.first_step_ms);
+  p.set_lost_steps(e.lost_steps);
+  return p;
+}
+
+MembershipEvent FromPendingEvent(const proto::PendingEvent& p) {
+  MembershipEvent e;
+  e.detected = absl::FromUnixMicros(p.detected_unix_us());
+  e.epoch = p.epoch();
+  e.cause = p.cause();
+  e.detail = p.detail();
+  e.before.assign(p.before().begin(), p.before().end());
+  e.after.assign(p.after().begin(), p.after().end());
+  e.start_step = p.start_step();
+  e.state_source = p.state_source();
+  e.prepare_sent_ms = p.prepare_sent_ms();
+  e.plan_sent_ms = p.plan_sent_ms();
+  e.first_step_ms = p.first_step_ms();
+  e.lost_steps = p.lost_steps();
+  return e;
+}
+
 const char* WorkerStateName(WorkerState state) {
   switch (state) {
     case WorkerState::kJoining:
@@ -468,6 +502,8 @@ absl::Status Membership::OnStepDone(WorkerInfo& w, const proto::StepDone& m, Act
     // Workers may send their RecoveryReport before this StepDone.
     if (static_cast<int>(open_event_->reports.size()) >= plan_.world_size()) {
       FinalizeEvent(actions);
+    } else {
+      JournalOpenEvent(actions);
     }
   }
   CheckRunDone(actions);
@@ -1151,7 +1187,14 @@ void Membership::FinishPreparation(Actions* actions) {
   open.event = std::move(e);
   open.plan_sent = now;
   open_event_ = std::move(open);
+  JournalOpenEvent(actions);
   CheckRunDone(actions);
+}
+
+void Membership::JournalOpenEvent(Actions* actions) {
+  proto::JournalRecord r;
+  *r.mutable_event_opened() = ToPendingEvent(open_event_->event);
+  Journal(std::move(r), /*sync=*/false, actions);
 }
 
 void Membership::FinalizeEvent(Actions* actions) {

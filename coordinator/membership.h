@@ -57,6 +57,11 @@ struct MembershipEvent {
   int64_t lost_steps = 0;
 };
 
+// The journal's form of an open event (its group_rebuilt_ms and state_synced_ms, which only
+// the workers' reports give, are not kept) and back. Pure.
+proto::PendingEvent ToPendingEvent(const MembershipEvent& event);
+MembershipEvent FromPendingEvent(const proto::PendingEvent& pending);
+
 // A message for one worker. A broadcast (a Plan, a Prepare) shares one message object between
 // its recipients, so that it is built and serialised once, not once per worker.
 struct OutgoingMessage {
@@ -205,6 +210,8 @@ class Membership {
     absl::Time first_step_seen = absl::InfiniteFuture();
   };
 
+  // Journals the open event (unsynced: it only has to survive a kill of the process).
+  void JournalOpenEvent(Actions* actions);
   WorkerInfo* Find(uint64_t id);
   void SetState(WorkerInfo& w, WorkerState state);
   void Send(uint64_t id, proto::CoordinatorMessage message, Actions* actions);

@@ -127,6 +127,27 @@ absl::Status ReconcileCheckpoints(const proto::RunConfig& config, Journal& journ
   return absl::OkStatus();
 }
 
+// A change whose timeline was still open when the last process died has no line yet: it
+// gets one now with what was journaled (later points null), unless it was written just
+// before the kill.
+absl::Status WriteEventLeftOpen(Journal& journal, EventLog& events) {
+  const proto::PendingEvent& pending = journal.state().open_event();
+  if (pending.epoch() == 0) return absl::OkStatus();
+  MembershipEvent e = FromPendingEvent(pending);
+  ASSIGN_OR_RETURN(const bool written, events.Contains(e));
+  if (!written) {
+    e.detail = absl::StrCat(e.detail, e.detail.empty() ? "" : "; ",
+                            "the coordinator restarted before this change's recovery timeline "
+                            "was complete (later points unknown)");
+    RETURN_IF_ERROR(events.Write(e));
+    SPOTRAIN_LOG(Info, "events.jsonl: wrote epoch %d's line, left open by the last process",
+                 e.epoch);
+  }
+  proto::JournalRecord r;
+  r.set_event_written(e.epoch);
+  return journal.Append(std::move(r), /*sync=*/true);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
@@ -143,6 +164,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   RETURN_IF_ERROR(ReconcileCheckpoints(c->config_, *journal));
   ASSIGN_OR_RETURN(std::unique_ptr<EventLog> events,
                    EventLog::Open(common::JoinPath(options.state_dir, "events.jsonl")));
+  RETURN_IF_ERROR(WriteEventLeftOpen(*journal, *events));
   ASSIGN_OR_RETURN(c->metrics_, Metrics::Create(options.host, options.metrics_port));
   auto membership = std::make_unique<Membership>(c->config_, journal->state(), clock);
 

@@ -566,6 +566,14 @@ void CoordinatorService::Apply(Actions& actions) {
       absl::Status s = events_->Write(e);
       if (!s.ok()) SPOTRAIN_LOG(Error, "events: %s", std::string(s.message()));
     }
+    // After the line (a kill in between writes it again at the restart, where EventLog::
+    // Contains finds it): the journal forgets the open event.
+    if (e.epoch > 0 && journal_->state().open_event().epoch() == e.epoch) {
+      proto::JournalRecord r;
+      r.set_event_written(e.epoch);
+      absl::Status s = journal_->Append(std::move(r), /*sync=*/false);
+      if (!s.ok()) SPOTRAIN_LOG(Error, "journal: %s", std::string(s.message()));
+    }
   }
   for (const IntervalDecision& d : actions.interval_decisions) {
     if (events_ != nullptr) {

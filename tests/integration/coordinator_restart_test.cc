@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -175,6 +176,18 @@ class CoordinatorRestartTest : public ::testing::Test {
     return StepDirectory(checkpoint_dir_, step) + "/manifest.json";
   }
 
+  // The lines of events.jsonl for `epoch` with `cause`.
+  std::vector<std::string> EventLines(int64_t epoch, const std::string& cause) {
+    std::vector<std::string> found;
+    auto text = common::ReadFile(dir_ + "/state/events.jsonl");
+    if (!text.ok()) return found;
+    const std::string key = absl::StrFormat("\"epoch\":%d,\"cause\":\"%s\"", epoch, cause);
+    for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipEmpty())) {
+      if (absl::StrContains(line, key)) found.emplace_back(line);
+    }
+    return found;
+  }
+
   std::string dir_, checkpoint_dir_;
   int port_ = 0;
   std::unique_ptr<Process> process_;
@@ -294,8 +307,44 @@ TEST_F(CoordinatorRestartTest, KillDashNineAndRestartKeepsTheRun) {
   auto events = common::ReadFile(dir_ + "/state/events.jsonl");
   ASSERT_TRUE(events.ok());
   EXPECT_THAT(*events, HasSubstr("\"cause\":\"restored\""));
+  // The first plan's line: written once, whether its timeline was still open at the kill
+  // (then by the restarted process) or not.
+  EXPECT_EQ(EventLines(epoch, "joined").size(), 1u) << *events;
   // keep = 3: steps 5, 10 and 20 are all still there.
   EXPECT_TRUE(common::PathExists(Manifest(5)));
+}
+
+TEST_F(CoordinatorRestartTest, EventLeftOpenByTheKillIsWrittenAfterTheRestart) {
+  WriteConfig(/*steps=*/20);
+  StartCoordinator();
+  FakeWorker& a = NewWorker("a");
+  FakeWorker& b = NewWorker("b");
+  for (FakeWorker* w : {&a, &b}) {
+    ASSERT_TRUE(w->Join().ok());
+    w->Open();
+  }
+  for (FakeWorker* w : {&a, &b}) ASSERT_GT(w->AnswerPrepare(-1), 0);
+  for (FakeWorker* w : {&a, &b}) ASSERT_TRUE(w->WaitPlan().has_value());
+  const int64_t epoch = a.epoch();
+  // No step and no recovery report: the timeline stays open (for 5 minutes), no line yet.
+  EXPECT_TRUE(EventLines(epoch, "joined").empty());
+  process_->Kill9();
+  EXPECT_TRUE(a.WaitEnded());
+  EXPECT_TRUE(b.WaitEnded());
+
+  StartCoordinator();
+  std::vector<std::string> lines = EventLines(epoch, "joined");
+  ASSERT_EQ(lines.size(), 1u) << Log();
+  EXPECT_THAT(lines[0], HasSubstr("the coordinator restarted before this change's recovery "
+                                  "timeline was complete"));
+  EXPECT_THAT(lines[0], HasSubstr("\"members_after\":["));
+  EXPECT_THAT(lines[0], ::testing::Not(HasSubstr("\"plan_sent_ms\":null")));
+  EXPECT_THAT(lines[0], HasSubstr("\"first_step_ms\":null"));
+
+  // Killed and restarted again: the line is not written twice.
+  process_->Kill9();
+  StartCoordinator();
+  EXPECT_EQ(EventLines(epoch, "joined").size(), 1u) << Log();
 }
 
 TEST_F(CoordinatorRestartTest, KillAtRandomMomentsNeverCorruptsTheState) {

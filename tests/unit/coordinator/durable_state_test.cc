@@ -106,5 +106,25 @@ TEST(ApplyRecordTest, CommitDropsPendingShardsOfThatAndOlderSteps) {
   EXPECT_EQ(s.committed_steps_size(), 0);
 }
 
+TEST(ApplyRecordTest, EventWrittenClearsOnlyItsOwnOpenEvent) {
+  proto::CoordinatorState s;
+  proto::JournalRecord opened;
+  opened.mutable_event_opened()->set_epoch(3);
+  opened.mutable_event_opened()->set_cause("lost");
+  ApplyRecord(opened, s);
+  EXPECT_EQ(s.open_event().epoch(), 3);
+  proto::JournalRecord older;
+  older.set_event_written(2);
+  ApplyRecord(older, s);
+  EXPECT_EQ(s.open_event().epoch(), 3);
+  opened.mutable_event_opened()->set_first_step_ms(42);
+  ApplyRecord(opened, s);  // journaled again: replaces
+  EXPECT_EQ(s.open_event().first_step_ms(), 42);
+  proto::JournalRecord written;
+  written.set_event_written(3);
+  ApplyRecord(written, s);
+  EXPECT_EQ(s.open_event().epoch(), 0);
+}
+
 }  // namespace
 }  // namespace spotrain::coordinator

@@ -107,7 +107,15 @@ class Sim {
       if (w != nullptr) w->session = false;
     }
     for (int64_t s : a.prune_steps) pruned_.push_back(s);
-    for (MembershipEvent& e : a.events) events_.push_back(std::move(e));
+    for (MembershipEvent& e : a.events) {
+      // As the service: the journal forgets the open event once its line is written.
+      if (e.epoch > 0 && state_.open_event().epoch() == e.epoch) {
+        proto::JournalRecord r;
+        r.set_event_written(e.epoch);
+        ApplyRecord(r, state_);
+      }
+      events_.push_back(std::move(e));
+    }
     for (IntervalDecision& d : a.interval_decisions) decisions_.push_back(std::move(d));
     if (a.run_done) run_done_ = true;
     for (const ReadyCheckpoint& c : commits) {
@@ -757,6 +765,60 @@ TEST(MembershipTest, RecoveryEventWrittenWhenReportsPrecedeTheFirstStep) {
   EXPECT_EQ(sim.events().back().epoch, 2);
   EXPECT_GE(sim.events().back().first_step_ms, 0);
   EXPECT_EQ(sim.m().open_event(), nullptr);
+}
+
+TEST(MembershipTest, OpenEventIsJournaledUntilItsLineIsWritten) {
+  Sim sim(TestConfig());
+  sim.Run(
+      With(kThreeRunning, {"steps 0 3 a b c", "close c", "advance 20", "ready a 3", "ready b 2"}));
+  // The plan of epoch 2 is out; its timeline is open, and in the journal.
+  const proto::PendingEvent& open = sim.durable().open_event();
+  EXPECT_EQ(open.epoch(), 2);
+  EXPECT_EQ(open.cause(), "lost");
+  EXPECT_EQ(open.before_size(), 3);
+  EXPECT_EQ(open.after_size(), 2);
+  EXPECT_EQ(open.plan_sent_ms(), 20);
+  EXPECT_EQ(open.first_step_ms(), -1);
+  EXPECT_EQ(open.state_source(), "broadcast from rank 0");
+  const size_t lines = sim.events().size();
+  sim.Run({"advance 30", "step a 3"});
+  EXPECT_EQ(sim.durable().open_event().first_step_ms(), 50);  // journaled again
+  EXPECT_EQ(sim.events().size(), lines);
+  sim.Run({"report a", "report b"});
+  ASSERT_EQ(sim.events().size(), lines + 1);
+  EXPECT_EQ(sim.events().back().epoch, 2);
+  EXPECT_EQ(sim.durable().open_event().epoch(), 0);  // written: forgotten
+}
+
+TEST(MembershipTest, PendingEventRoundTrips) {
+  MembershipEvent e;
+  e.detected = absl::FromUnixMillis(1796000000123);
+  e.epoch = 7;
+  e.cause = "joined";
+  e.detail = "worker 9 joined";
+  e.before = {1, 2};
+  e.after = {1, 2, 9};
+  e.start_step = 40;
+  e.state_source = "broadcast from rank 0";
+  e.prepare_sent_ms = 0.5;
+  e.plan_sent_ms = 12.25;
+  e.first_step_ms = 300;
+  e.lost_steps = 1;
+  const MembershipEvent back = FromPendingEvent(ToPendingEvent(e));
+  EXPECT_EQ(back.detected, e.detected);
+  EXPECT_EQ(back.epoch, e.epoch);
+  EXPECT_EQ(back.cause, e.cause);
+  EXPECT_EQ(back.detail, e.detail);
+  EXPECT_EQ(back.before, e.before);
+  EXPECT_EQ(back.after, e.after);
+  EXPECT_EQ(back.start_step, e.start_step);
+  EXPECT_EQ(back.state_source, e.state_source);
+  EXPECT_EQ(back.prepare_sent_ms, e.prepare_sent_ms);
+  EXPECT_EQ(back.plan_sent_ms, e.plan_sent_ms);
+  EXPECT_EQ(back.first_step_ms, e.first_step_ms);
+  EXPECT_EQ(back.lost_steps, e.lost_steps);
+  EXPECT_EQ(back.group_rebuilt_ms, -1);  // not journaled: only the workers' reports give it
+  EXPECT_EQ(back.state_synced_ms, -1);
 }
 
 TEST(MembershipTest, StatusListsMembersInRankOrder) {
