@@ -89,9 +89,8 @@ struct CudaGptModel::Buffers {
   float* lnf_mean;    // [N]
   float* lnf_rstd;    // [N]
   void* proj;         // [N, C]
-  float* logits;      // [N, Vp] fp32; with kFp32 its memory holds dlogits in backward
+  void* logits;       // [N, Vp] activations; the backward's dlogits are written over them
   float* ce_stats;    // [N, 2] the softmax's max and 1/sum per row (CrossEntropyForward)
-  bf16* dlogits;      // [N, Vp] (kBf16 only: bf16 dlogits cannot overwrite fp32 logits in place)
   float* losses;      // [N]
   void* dresidual;    // [N, C]
   void* dln;          // [N, C]
@@ -257,9 +256,8 @@ absl::Status CudaGptModel::Allocate() {
     b->lnf_mean = cv.Take<float>(N);
     b->lnf_rstd = cv.Take<float>(N);
     b->proj = acts(N * C);
-    b->logits = cv.Take<float>(N * Vp);
+    b->logits = acts(N * Vp);
     b->ce_stats = cv.Take<float>(N * 2);
-    b->dlogits = bf16_mode ? cv.Take<bf16>(N * Vp) : nullptr;
     b->losses = cv.Take<float>(N);
     b->dresidual = acts(N * C);
     b->dln = acts(N * C);
@@ -446,22 +444,19 @@ absl::Status CudaGptModel::RunForward(int B, bool backward, float grad_scale) {
   RETURN_IF_ERROR(kc::LayerNormForward(ctx, act(a.lnf), a.lnf_mean, a.lnf_rstd,
                                        static_cast<const Act*>(act(a.residual3) + (L - 1) * NC),
                                        p.lnfw, p.lnfb, Ni, C));
-  // Logits in fp32 whatever the precision: the softmax over 50k entries and the loss want it.
-  const Act* lnf = act(a.lnf);
-  RETURN_IF_ERROR(kc::MatmulForward(ctx, a.logits, lnf, w.wte, nullptr, Ni, C, Vp));
+  // Logits in the activations' precision (bf16 halves the largest activation's traffic, as
+  // llm.c); the softmax and the loss are computed in fp32 from them.
+  Act* logits = act(a.logits);
+  RETURN_IF_ERROR(kc::MatmulForward(ctx, logits, static_cast<const Act*>(act(a.lnf)), w.wte,
+                                    static_cast<const float*>(nullptr), Ni, C, Vp));
   if (!backward) {
-    return kc::CrossEntropyForward(ctx, a.losses, a.ce_stats, a.logits, a.targets, Ni, V_, Vp);
+    return kc::CrossEntropyForward(ctx, a.losses, a.ce_stats, static_cast<const Act*>(logits),
+                                   a.targets, Ni, V_, Vp);
   }
-  // d(mean loss * grad_scale)/dlogits in the same pass over each row (fp32 ones overwrite the
-  // logits, no longer needed; bf16 ones go to their own buffer).
-  Act* dlogits;
-  if constexpr (std::is_same_v<Act, bf16>) {
-    dlogits = a.dlogits;
-  } else {
-    dlogits = a.logits;
-  }
-  return kc::CrossEntropyForwardBackward(ctx, a.losses, a.ce_stats, dlogits,
-                                         static_cast<const float*>(a.logits), a.targets,
+  // d(mean loss * grad_scale)/dlogits in the same pass over each row, written over the
+  // logits (no longer needed).
+  return kc::CrossEntropyForwardBackward(ctx, a.losses, a.ce_stats, logits,
+                                         static_cast<const Act*>(logits), a.targets,
                                          grad_scale / static_cast<float>(N), Ni, V_, Vp);
 }
 
@@ -491,13 +486,8 @@ absl::Status CudaGptModel::RunBackward(int B) {
   const int64_t cc = static_cast<int64_t>(C) * C;
   const int64_t att_layer = static_cast<int64_t>(B) * NH * T * T;
 
-  // d(mean loss * grad_scale)/dlogits, written by RunForward's fused cross-entropy.
-  const Act* dlogits;
-  if constexpr (std::is_same_v<Act, bf16>) {
-    dlogits = a.dlogits;
-  } else {
-    dlogits = a.logits;
-  }
+  // d(mean loss * grad_scale)/dlogits, written over the logits by RunForward's cross-entropy.
+  const Act* dlogits = cact(a.logits);
   constexpr kc::GradWrite kOverwrite = kc::GradWrite::kOverwrite;
   RETURN_IF_ERROR(kc::MatmulBackward(ctx, act(a.dln), g.wte, static_cast<float*>(nullptr),
                                      static_cast<const Act*>(dlogits), cact(a.lnf), w.wte, Ni, C,

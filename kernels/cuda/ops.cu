@@ -870,27 +870,36 @@ __device__ MaxSum BlockCombine(MaxSum v, MaxSum* shared) {
   return v;
 }
 
-template <typename Act>
-__device__ void WriteRowGrad(Act* d, const float* x, float m, float inv, int target, float scale,
+// Four consecutive logits as floats: one 16-byte load (fp32) or one 8-byte load (bf16).
+__device__ __forceinline__ float4 Load4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float4 Load4(const bf16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const bf16* v = reinterpret_cast<const bf16*>(&raw);
+  return make_float4(Load(v[0]), Load(v[1]), Load(v[2]), Load(v[3]));
+}
+
+template <typename Logit, typename Act>
+__device__ void WriteRowGrad(Act* d, const Logit* x, float m, float inv, int target, float scale,
                              int V, int Vp, bool vec);
 
-// One block per row: one read of the logits (16-byte loads when `vec`: Vp a multiple of 4
-// and the logits 16-byte aligned), then stats = (max, 1/sum) and the loss. With dlogits (the
+// One block per row: one read of the logits (4 per load when `vec`: Vp a multiple of 4 and
+// the logits aligned to 4 elements), then stats = (max, 1/sum) and the loss. With dlogits (the
 // fused form), the block then writes the row's gradient as CrossEntropyBackwardKernel does,
 // while the row is still in cache; `dvec` as that kernel's `vec`.
-template <typename Act>
-__global__ void CrossEntropyForwardKernel(float* losses, float* stats, const float* logits,
+template <typename Logit, typename Act>
+__global__ void CrossEntropyForwardKernel(float* losses, float* stats, const Logit* logits,
                                           const int32_t* targets, int V, int Vp, bool vec,
                                           Act* dlogits, float scale, bool dvec) {
   __shared__ MaxSum shared[kWarp];
   const int64_t row = blockIdx.x;
-  const float* x = logits + row * Vp;
+  const Logit* x = logits + row * Vp;
   MaxSum acc{-INFINITY, 0.f};
   int tail = 0;
   if (vec) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
     for (int j = threadIdx.x; j < V / 4; j += blockDim.x) {
-      const float4 q = x4[j];
+      const float4 q = Load4(x + 4 * j);
       Accumulate(acc, q.x);
       Accumulate(acc, q.y);
       Accumulate(acc, q.z);
@@ -898,16 +907,16 @@ __global__ void CrossEntropyForwardKernel(float* losses, float* stats, const flo
     }
     tail = V / 4 * 4;
   }
-  for (int j = tail + threadIdx.x; j < V; j += blockDim.x) Accumulate(acc, x[j]);
+  for (int j = tail + threadIdx.x; j < V; j += blockDim.x) Accumulate(acc, Load(x[j]));
   acc = BlockCombine(acc, shared);
   if (threadIdx.x == 0) {
     stats[2 * row] = acc.max;
     stats[2 * row + 1] = 1.0f / acc.sum;
     // -log softmax[target] without forming the (possibly tiny) probability, as the CPU.
-    losses[row] = logf(acc.sum) - (x[targets[row]] - acc.max);
+    losses[row] = logf(acc.sum) - (Load(x[targets[row]]) - acc.max);
   }
   if (dlogits != nullptr) {  // the same for the whole block
-    __syncthreads();         // the loss read x[target]: fp32 dlogits may overwrite it now
+    __syncthreads();         // the loss read x[target]: in-place dlogits may overwrite it now
     WriteRowGrad(dlogits + row * Vp, x, acc.max, 1.0f / acc.sum, targets[row], scale, V, Vp, dvec);
   }
 }
@@ -921,10 +930,10 @@ __device__ __forceinline__ void Store4(bf16* p, float a, float b, float c, float
 }
 
 // One block per row: dlogits = (exp(x - max) / sum - onehot) * scale, padded columns 0. Each
-// element is read and then written by the same thread, so dlogits may alias fp32 logits.
-// `vec`: Vp a multiple of 4, logits 16-byte and dlogits 4-element aligned.
-template <typename Act>
-__global__ void CrossEntropyBackwardKernel(Act* dlogits, const float* logits, const float* stats,
+// element is read and then written by the same thread, so dlogits may be the logits (same
+// type). `vec`: Vp a multiple of 4, logits and dlogits 4-element aligned.
+template <typename Logit, typename Act>
+__global__ void CrossEntropyBackwardKernel(Act* dlogits, const Logit* logits, const float* stats,
                                            const int32_t* targets, float scale, int V, int Vp,
                                            bool vec) {
   const int64_t row = blockIdx.x;
@@ -933,21 +942,21 @@ __global__ void CrossEntropyBackwardKernel(Act* dlogits, const float* logits, co
 }
 
 // The block's row of dlogits from the row's logits x and its max m and 1/sum inv.
-template <typename Act>
-__device__ void WriteRowGrad(Act* d, const float* x, float m, float inv, int target, float scale,
+template <typename Logit, typename Act>
+__device__ void WriteRowGrad(Act* d, const Logit* x, float m, float inv, int target, float scale,
                              int V, int Vp, bool vec) {
   const auto grad = [&](int j, float xj) {
     return j < V ? (expf(xj - m) * inv - (j == target ? 1.0f : 0.0f)) * scale : 0.0f;
   };
   if (vec) {
     for (int j4 = threadIdx.x; j4 < Vp / 4; j4 += blockDim.x) {
-      const float4 q = reinterpret_cast<const float4*>(x)[j4];
       const int j = j4 * 4;
+      const float4 q = Load4(x + j);
       Store4(d + j, grad(j, q.x), grad(j + 1, q.y), grad(j + 2, q.z), grad(j + 3, q.w));
     }
   } else {
     for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
-      const float xj = x[j];
+      const float xj = Load(x[j]);
       d[j] = Store<Act>(grad(j, xj));
     }
   }
@@ -1519,62 +1528,70 @@ absl::Status ResidualBackward(CudaContext& ctx, Act* da, Act* db, const Act* dou
   return absl::OkStatus();
 }
 
-absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const float* logits,
+// Four elements at a time: Vp a multiple of 4 and p aligned to 4 elements.
+template <typename T>
+bool Vec4(const T* p, int Vp) {
+  return Vp % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
+
+template <typename Logit>
+absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const Logit* logits,
                                  const int32_t* targets, int N, int V, int Vp) {
   RETURN_IF_ERROR(CheckPositive("CrossEntropyForward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForward: V > Vp");
-  const bool vec = Vp % 4 == 0 && Aligned16(logits);
-  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<float>)
-  (losses, stats, logits, targets, V, Vp, vec, static_cast<float*>(nullptr), 0.0f, false);
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<Logit, float>)
+  (losses, stats, logits, targets, V, Vp, Vec4(logits, Vp), static_cast<float*>(nullptr), 0.0f,
+   false);
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
-// bf16 dlogits may not overlap the fp32 logits (fp32 ones may be the logits themselves).
-template <typename Act>
-absl::Status CheckDlogits(const char* op, const Act* dlogits, const float* logits, int N, int Vp) {
-  if constexpr (!std::is_same_v<Act, float>) {
-    const auto* d = reinterpret_cast<const char*>(dlogits);
-    const auto* l = reinterpret_cast<const char*>(logits);
-    const int64_t count = static_cast<int64_t>(N) * Vp;
-    if (d < l + count * sizeof(float) && l < d + count * sizeof(Act)) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: bf16 dlogits overlap the fp32 logits (only fp32 dlogits may be written in place)",
-          op));
-    }
+// dlogits may be the logits themselves when both have one type; otherwise (and when only part
+// of them overlaps) an element would be written before another thread read it.
+template <typename Logit, typename Act>
+absl::Status CheckDlogits(const char* op, const Act* dlogits, const Logit* logits, int N, int Vp) {
+  if constexpr (std::is_same_v<Act, Logit>) {
+    if (dlogits == logits) return absl::OkStatus();
+  }
+  const auto* d = reinterpret_cast<const char*>(dlogits);
+  const auto* l = reinterpret_cast<const char*>(logits);
+  const int64_t count = static_cast<int64_t>(N) * Vp;
+  if (d < l + count * sizeof(Logit) && l < d + count * sizeof(Act)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: dlogits overlap the logits (only dlogits of the logits' type may be written in "
+        "place, over exactly the same memory)",
+        op));
   }
   return absl::OkStatus();
 }
 
-template <typename Act>
-bool DlogitsVec(const Act* dlogits, const float* logits, int Vp) {
-  return Vp % 4 == 0 && Aligned16(logits) &&
-         reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(Act)) == 0;
+template <typename Logit, typename Act>
+bool DlogitsVec(const Act* dlogits, const Logit* logits, int Vp) {
+  return Vec4(logits, Vp) && Vec4(dlogits, Vp);
 }
 
-template <typename Act>
-absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* logits,
+template <typename Logit, typename Act>
+absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const Logit* logits,
                                   const float* stats, const int32_t* targets, float dloss_scale,
                                   int N, int V, int Vp) {
   RETURN_IF_ERROR(CheckPositive("CrossEntropyBackward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyBackward: V > Vp");
   RETURN_IF_ERROR(CheckDlogits("CrossEntropyBackward", dlogits, logits, N, Vp));
-  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyBackwardKernel)
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyBackwardKernel<Logit, Act>)
   (dlogits, logits, stats, targets, dloss_scale, V, Vp, DlogitsVec(dlogits, logits, Vp));
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
 
-template <typename Act>
+template <typename Logit, typename Act>
 absl::Status CrossEntropyForwardBackward(CudaContext& ctx, float* losses, float* stats,
-                                         Act* dlogits, const float* logits, const int32_t* targets,
+                                         Act* dlogits, const Logit* logits, const int32_t* targets,
                                          float dloss_scale, int N, int V, int Vp) {
   RETURN_IF_ERROR(CheckPositive("CrossEntropyForwardBackward", {N, V, Vp}));
   if (V > Vp) return absl::InvalidArgumentError("CrossEntropyForwardBackward: V > Vp");
   RETURN_IF_ERROR(CheckDlogits("CrossEntropyForwardBackward", dlogits, logits, N, Vp));
-  const bool vec = Vp % 4 == 0 && Aligned16(logits);
-  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<Act>)
-  (losses, stats, logits, targets, V, Vp, vec, dlogits, dloss_scale,
+  SPOTRAIN_LAUNCH(N, kSoftmaxThreads, ctx.stream(), CrossEntropyForwardKernel<Logit, Act>)
+  (losses, stats, logits, targets, V, Vp, Vec4(logits, Vp), dlogits, dloss_scale,
    DlogitsVec(dlogits, logits, Vp));
   CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
@@ -1648,15 +1665,24 @@ absl::Status CastToFloat(CudaContext& ctx, float* dst, const bf16* src, int64_t 
   template absl::Status BiasResidualForward<Act>(CudaContext&, Act*, const Act*, const Act*,       \
                                                  const float*, int, int);                          \
   template absl::Status BiasGeluForward<Act>(CudaContext&, Act*, Act*, const float*, int, int);    \
-  template absl::Status CrossEntropyBackward<Act>(CudaContext&, Act*, const float*, const float*,  \
-                                                  const int32_t*, float, int, int, int);           \
-  template absl::Status CrossEntropyForwardBackward<Act>(                                          \
-      CudaContext&, float*, float*, Act*, const float*, const int32_t*, float, int, int, int);
+  template absl::Status CrossEntropyForward<Act>(CudaContext&, float*, float*, const Act*,         \
+                                                 const int32_t*, int, int, int);                   \
+  template absl::Status CrossEntropyBackward<Act, Act>(                                            \
+      CudaContext&, Act*, const Act*, const float*, const int32_t*, float, int, int, int);         \
+  template absl::Status CrossEntropyForwardBackward<Act, Act>(                                     \
+      CudaContext&, float*, float*, Act*, const Act*, const int32_t*, float, int, int, int);
 
 SPOTRAIN_INSTANTIATE_ACT(float)
 SPOTRAIN_INSTANTIATE_ACT(bf16)
 template absl::Status MatmulForward<bf16, float>(CudaContext&, float*, const bf16*, const bf16*,
                                                  const float*, int, int, int);
+// bf16 dlogits from fp32 logits (an fp32-logit classifier in a bf16 model).
+template absl::Status CrossEntropyBackward<float, bf16>(CudaContext&, bf16*, const float*,
+                                                        const float*, const int32_t*, float, int,
+                                                        int, int);
+template absl::Status CrossEntropyForwardBackward<float, bf16>(CudaContext&, float*, float*, bf16*,
+                                                               const float*, const int32_t*, float,
+                                                               int, int, int);
 
 #undef SPOTRAIN_INSTANTIATE_ACT
 

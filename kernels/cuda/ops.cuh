@@ -72,8 +72,7 @@ absl::Status LayerNormBackward(CudaContext& ctx, Act* dinp, float* dweight, floa
                                const float* mean, const float* rstd, int N, int C);
 
 // out[N,OC] = inp[N,C] * weight[OC,C]^T + bias[OC] (bias may be null). Instantiated for
-// <float, float>, <bf16, bf16> and <bf16, float> (bf16 products with an fp32 result, used
-// for the logits).
+// <float, float>, <bf16, bf16> and <bf16, float> (bf16 products with an fp32 result).
 template <typename In, typename Out>
 absl::Status MatmulForward(CudaContext& ctx, Out* out, const In* inp, const In* weight,
                            const float* bias, int N, int C, int OC);
@@ -133,28 +132,31 @@ absl::Status BiasResidualForward(CudaContext& ctx, Act* out, const Act* a, const
 template <typename Act>
 absl::Status BiasGeluForward(CudaContext& ctx, Act* out, Act* pre, const float* bias, int N, int C);
 
-// Softmax cross-entropy over the first V of Vp fp32 logits per row. Unlike the CPU
+// Softmax cross-entropy over the first V of Vp logits per row (fp32, or bf16 in a bf16 model:
+// half the bytes of the largest activation; every value is computed in fp32). Unlike the CPU
 // reference's pair (which writes the probabilities [N, Vp] and reads them back: 3.3 GB each
 // way at GPT-2 124M and 16 x 1024 tokens), the forward reads the logits once and keeps two
 // floats per row, stats[2n] = max logit and stats[2n + 1] = 1 / sum exp(logit - max); the
 // backward recomputes the probabilities from the logits. Same arithmetic per element as the
 // CPU's (exp(x - max) * (1 / sum)); the sum is taken online, in another order.
 // losses [N], stats [N, 2]. Targets must lie in [0, V).
-absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const float* logits,
+template <typename Logit>
+absl::Status CrossEntropyForward(CudaContext& ctx, float* losses, float* stats, const Logit* logits,
                                  const int32_t* targets, int N, int V, int Vp);
 // dlogits[N,Vp] = (softmax(logits) - onehot(target)) * dloss_scale (overwritten, padded
-// columns 0), from the forward's stats. dlogits may be the logits' own memory when Act is
-// float (each element is read before it is written, by the same thread), not when bf16.
-template <typename Act>
-absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const float* logits,
+// columns 0), from the forward's stats. dlogits may be the logits' own memory when both have
+// one type (each element is read before it is written, by the same thread); any other overlap
+// is refused. Instantiated for <float, float>, <bf16, bf16> and <float, bf16>.
+template <typename Logit, typename Act>
+absl::Status CrossEntropyBackward(CudaContext& ctx, Act* dlogits, const Logit* logits,
                                   const float* stats, const int32_t* targets, float dloss_scale,
                                   int N, int V, int Vp);
 // Both in one pass over each row (the fused classifier of a training step): the forward's
 // losses and stats, then the backward's dlogits from the row while it is still in cache, the
 // same bits as the two calls above; one read of the logits less. Same aliasing rule.
-template <typename Act>
+template <typename Logit, typename Act>
 absl::Status CrossEntropyForwardBackward(CudaContext& ctx, float* losses, float* stats,
-                                         Act* dlogits, const float* logits, const int32_t* targets,
+                                         Act* dlogits, const Logit* logits, const int32_t* targets,
                                          float dloss_scale, int N, int V, int Vp);
 
 // Sum of squares of x in double, in a fixed order that does not depend on the GPU (a fixed

@@ -348,6 +348,74 @@ void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, in
   }
 }
 
+// bf16 logits (a bf16 model's classifier): the values are rounded to bf16 first, so the CPU
+// pair in fp32 on the same values is the reference for the losses and stats (computed in
+// fp32 by both) and, to bf16's rounding, for the dlogits, written over the logits (in place)
+// or into their own buffer. The fused form gives the same bits as the two calls.
+void Bf16LogitsCrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, int V,
+                                int Vp, bool in_place) {
+  SCOPED_TRACE(::testing::Message()
+               << "bf16 logits N=" << N << " V=" << V << " Vp=" << Vp << " in_place=" << in_place);
+  const auto logits = RoundToBf16(RandomVector(N * Vp, 60 + Vp, 8.0f));
+  const auto targets = RandomTokens(N, V, 61);
+  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
+  const float scale = 1.0f / N;
+  cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
+                                  targets.data(), N, V, Vp);
+  cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
+                                   V, Vp);
+  Bf16Buffer d_logits(ToBf16Bits(logits)), d_dlogits(N * Vp);
+  DeviceBuffer<float> d_stats(2 * N), d_losses(N);
+  DeviceBuffer<int32_t> d_targets(targets);
+  d_dlogits.FillBytes(0xFF);
+  const cuda::bf16* x = AsBf16(d_logits);
+  cuda::bf16* out = in_place ? AsBf16(d_logits) : AsBf16(d_dlogits);
+  ASSERT_TRUE(
+      cuda::CrossEntropyForward(ctx, d_losses.get(), d_stats.get(), x, d_targets.get(), N, V, Vp)
+          .ok());
+  ASSERT_TRUE(cuda::CrossEntropyBackward(ctx, out, x, static_cast<const float*>(d_stats.get()),
+                                         d_targets.get(), scale, N, V, Vp)
+                  .ok());
+  ExpectAllClose("losses", d_losses.Download(), losses, kAtol32, kRtol32);
+  const std::vector<uint16_t> two = in_place ? d_logits.Download() : d_dlogits.Download();
+  ExpectAllClose("bf16 dlogits", FromBf16Bits(two), dlogits, 1e-8f, 1.0f / 128);
+  for (int n = 0; n < N; ++n) {  // padded columns exactly 0
+    for (int j = V; j < Vp; ++j)
+      ASSERT_EQ(two[static_cast<size_t>(n) * Vp + j], 0) << n << "," << j;
+  }
+
+  Bf16Buffer f_logits(ToBf16Bits(logits)), f_dlogits(N * Vp);
+  DeviceBuffer<float> f_stats(2 * N), f_losses(N);
+  f_stats.FillBytes(0xFF);
+  f_dlogits.FillBytes(0xFF);
+  cuda::bf16* f_out = in_place ? AsBf16(f_logits) : AsBf16(f_dlogits);
+  ASSERT_TRUE(cuda::CrossEntropyForwardBackward(ctx, f_losses.get(), f_stats.get(), f_out,
+                                                static_cast<const cuda::bf16*>(AsBf16(f_logits)),
+                                                d_targets.get(), scale, N, V, Vp)
+                  .ok());
+  EXPECT_TRUE(BitIdentical(f_losses.Download(), d_losses.Download())) << "fused losses";
+  EXPECT_TRUE(BitIdentical(f_stats.Download(), d_stats.Download())) << "fused stats";
+  EXPECT_EQ(in_place ? f_logits.Download() : f_dlogits.Download(), two) << "fused dlogits";
+}
+
+TEST_F(GpuOpsTest, Bf16LogitsCrossEntropy) {
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, true);  // 8-byte loads, scalar tail
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false);
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 17, 997, 999, true);     // Vp odd: element loads
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 5, 50257, 50304, true);  // GPT-2's vocabulary
+
+  // Only exactly the logits' memory may take the dlogits: a shifted view is refused.
+  const int N = 4, V = 60, Vp = 64;
+  Bf16Buffer d_logits(N * Vp + 8);
+  DeviceBuffer<float> d_stats(2 * N);
+  DeviceBuffer<int32_t> d_targets(RandomTokens(N, V, 62));
+  const cuda::bf16* x = AsBf16(d_logits);
+  const auto shifted = cuda::CrossEntropyBackward(ctx(), AsBf16(d_logits) + 4, x,
+                                                  static_cast<const float*>(d_stats.get()),
+                                                  d_targets.get(), 1.f, N, V, Vp);
+  EXPECT_EQ(shifted.code(), absl::StatusCode::kInvalidArgument) << shifted;
+}
+
 TEST_F(GpuOpsTest, CrossEntropy) {
   CrossEntropyCase(cpu_, ctx(), 70, 1000, 1024, false);
   CrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false);  // V % 4 == 1, as GPT-2's 50257
