@@ -75,15 +75,15 @@ struct HeadLayout {
     return ((b0 + b) * T + t) * S * C + s * C + h * hs + d;
   }
 };
-#undef SPOTRAIN_HOST_DEVICE
 
 // Causal attention needs the scores of key j <= query t only, so the products run over
 // blocks of positions and skip the tiles wholly above the diagonal: queries [begin, end) need
 // keys [0, end); keys [begin, end) get gradient from queries [begin, T) only. With K equal
 // blocks that is (K + 1) / 2K of the full square (K = 4: 62.5%). Entries above the diagonal
-// inside the computed tiles are computed and then zeroed by the softmax kernels, which write
-// whole rows; entries outside them are not written by the products, and nothing reads them
-// before the softmax kernels (which read a row only up to its diagonal) overwrite them.
+// inside the computed tiles are computed and then zeroed by the softmax kernels; entries
+// beyond the row's block (columns >= CausalRowEnd) are never written by the products nor by
+// the softmax kernels (which may only round a partly needed 16-byte pack out with zeros),
+// and nothing reads them.
 struct PositionBlock {
   int begin = 0;
   int end = 0;
@@ -95,6 +95,16 @@ std::vector<PositionBlock> CausalBlocks(int T, int count);
 // (smaller products lose more to launch and tile overheads than the skipped work saves), at
 // most 4.
 int DefaultCausalBlockCount(int T);
+// The end of the block of CausalBlocks(T, count) that holds position t (count in [1, T]):
+// row t of att and datt is used in columns [0, CausalRowEnd) only.
+SPOTRAIN_HOST_DEVICE inline int CausalRowEnd(int T, int count, int t) {
+  for (int i = 1; i < count; ++i) {
+    const int end = static_cast<int>(static_cast<int64_t>(T) * i / count);
+    if (t < end) return end;
+  }
+  return T;
+}
+#undef SPOTRAIN_HOST_DEVICE
 
 // The attention products over BH = Bc * NH head-major [T, hs] matrices (q, k, v, the output
 // y and their gradients, each from its own base pointer) and att / datt [BH, T, T] (row t =

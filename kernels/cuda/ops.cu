@@ -499,13 +499,15 @@ __global__ void AddBiasKernel(Out* out, const float* bias, int OC, int64_t total
 // ---- attention -----------------------------------------------------------------------------
 
 // One warp per row (b, h, t) of att, which holds scaled scores on entry: causal softmax in
-// place, zeros above the diagonal.
+// place, zeros above the diagonal up to the end of the row's position block (`blocks` of
+// CausalBlocks); the columns beyond it are neither read nor written.
 template <typename Act>
-__global__ void CausalSoftmaxKernel(Act* att, int rows, int T) {
+__global__ void CausalSoftmaxKernel(Act* att, int rows, int T, int blocks) {
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int t = row % T;
+  const int end = CausalRowEnd(T, blocks, t);
   Act* a = att + static_cast<int64_t>(row) * T;
   float maxval = -INFINITY;
   for (int j = lane; j <= t; j += kWarp) maxval = fmaxf(maxval, Load(a[j]));
@@ -513,22 +515,24 @@ __global__ void CausalSoftmaxKernel(Act* att, int rows, int T) {
   float sum = 0.f;
   for (int j = lane; j <= t; j += kWarp) sum += expf(Load(a[j]) - maxval);
   const float inv = 1.0f / WarpSum(sum);
-  for (int j = lane; j < T; j += kWarp) {
+  for (int j = lane; j < end; j += kWarp) {
     a[j] = Store<Act>(j <= t ? expf(Load(a[j]) - maxval) * inv : 0.f);
   }
 }
 
 // CausalSoftmaxKernel for rows of T = packs x 32 x Pack::kN: the row up to the diagonal is
 // read once, with 16-byte loads, and kept in registers (the loop version reads it three
-// times); packs wholly above the diagonal are not read, only zeroed. Same arithmetic per
-// element (exp(x - max) * (1 / sum)); the sum is taken in another fixed order.
+// times); packs wholly above the diagonal are not read, only zeroed, up to the end of the
+// row's position block (a pack that straddles it is written whole, with zeros). Same
+// arithmetic per element (exp(x - max) * (1 / sum)); the sum is taken in another fixed order.
 template <typename Act, int kPacks>
-__global__ void CausalSoftmaxPackedKernel(Act* att, int rows, int T) {
+__global__ void CausalSoftmaxPackedKernel(Act* att, int rows, int T, int blocks) {
   constexpr int kN = Pack<Act>::kN;
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int t = row % T;
+  const int end = CausalRowEnd(T, blocks, t);
   Act* a = att + static_cast<int64_t>(row) * T;
   float x[kPacks][kN];
   float maxval = -INFINITY;
@@ -560,38 +564,45 @@ __global__ void CausalSoftmaxPackedKernel(Act* att, int rows, int T) {
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
     const int j0 = (p * kWarp + lane) * kN;
-    float y[kN];
+    if (j0 < end) {
+      float y[kN];
 #pragma unroll
-    for (int k = 0; k < kN; ++k) y[k] = j0 + k <= t ? x[p][k] * inv : 0.f;
-    StorePack(a + j0, y);
+      for (int k = 0; k < kN; ++k) y[k] = j0 + k <= t ? x[p][k] * inv : 0.f;
+      StorePack(a + j0, y);
+    }
   }
 }
 
-// One warp per row: datt <- att * (datt - sum_j att_j datt_j) below the diagonal, 0 above.
+// One warp per row: datt <- att * (datt - sum_j att_j datt_j) below the diagonal, 0 above it
+// up to the end of the row's position block, nothing beyond.
 template <typename Act>
-__global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows, int T) {
+__global__ void CausalSoftmaxBackwardKernel(Act* datt, const Act* att, int rows, int T,
+                                            int blocks) {
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int t = row % T;
+  const int end = CausalRowEnd(T, blocks, t);
   const int64_t base = static_cast<int64_t>(row) * T;
   float dot = 0.f;
   for (int j = lane; j <= t; j += kWarp) dot += Load(att[base + j]) * Load(datt[base + j]);
   dot = WarpSum(dot);
-  for (int j = lane; j < T; j += kWarp) {
+  for (int j = lane; j < end; j += kWarp) {
     datt[base + j] = Store<Act>(j <= t ? Load(att[base + j]) * (Load(datt[base + j]) - dot) : 0.f);
   }
 }
 
 // CausalSoftmaxBackwardKernel for rows of T = packs x 32 x Pack::kN: one pass; packs
-// wholly above the diagonal are not read, only zeroed.
+// wholly above the diagonal are not read, only zeroed up to the end of the row's block.
 template <typename Act, int kPacks>
-__global__ void CausalSoftmaxBackwardPackedKernel(Act* datt, const Act* att, int rows, int T) {
+__global__ void CausalSoftmaxBackwardPackedKernel(Act* datt, const Act* att, int rows, int T,
+                                                  int blocks) {
   constexpr int kN = Pack<Act>::kN;
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= rows) return;
   const int t = row % T;
+  const int end = CausalRowEnd(T, blocks, t);
   const int64_t base = static_cast<int64_t>(row) * T;
   float a[kPacks][kN];
   float g[kPacks][kN];
@@ -612,7 +623,7 @@ __global__ void CausalSoftmaxBackwardPackedKernel(Act* datt, const Act* att, int
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
     const int j0 = (p * kWarp + lane) * kN;
-    {
+    if (j0 < end) {
       float d[kN];
 #pragma unroll
       for (int k = 0; k < kN; ++k) d[k] = j0 + k <= t ? a[p][k] * (g[p][k] - dot) : 0.f;
@@ -1325,7 +1336,8 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 // them when the scratch holds them: AttentionScratchBytes), strided-batched products over
 // every (batch element, head) pair, around a causal softmax. The products skip the tiles
 // above the diagonal by position blocks (CausalBlocks); the softmax zeroes the rest of the
-// upper triangle.
+// upper triangle inside the computed tiles. att and datt are defined in columns
+// [0, CausalRowEnd) of each row only: nothing writes or reads beyond.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH, const float* inp_bias) {
@@ -1333,6 +1345,7 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
                                                                    NH, kAttentionForwardSlots));
   const int hs = setup.hs, chunk = setup.chunk;
   const std::vector<PositionBlock>& causal = setup.causal;
+  const int causal_count = static_cast<int>(causal.size());
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* y_h = nullptr;
@@ -1354,10 +1367,11 @@ absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* i
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
         SPOTRAIN_LAUNCH(row_blocks, kThreads, ctx.stream(),
                         CausalSoftmaxPackedKernel<Act, decltype(packs)::value>)
-        (att_chunk, rows, T);
+        (att_chunk, rows, T, causal_count);
       });
     } else {
-      SPOTRAIN_LAUNCH(row_blocks, kThreads, ctx.stream(), CausalSoftmaxKernel)(att_chunk, rows, T);
+      SPOTRAIN_LAUNCH(row_blocks, kThreads, ctx.stream(), CausalSoftmaxKernel)
+      (att_chunk, rows, T, causal_count);
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     for (const PositionBlock& blk : causal) {
@@ -1378,6 +1392,7 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
                                                                    C, NH, kAttentionBackwardSlots));
   const int hs = setup.hs, chunk = setup.chunk;
   const std::vector<PositionBlock>& causal = setup.causal;
+  const int causal_count = static_cast<int>(causal.size());
   ScratchArena arena(ctx);
   Act* qkv_h = nullptr;
   Act* dy_h = nullptr;
@@ -1412,11 +1427,11 @@ absl::Status AttentionBackward(CudaContext& ctx, Act* dinp, Act* datt, const Act
       WithRowPacks(T / RowPackWidth<Act>(), [&](auto packs) {
         SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(),
                         CausalSoftmaxBackwardPackedKernel<Act, decltype(packs)::value>)
-        (datt_chunk, att_chunk, rows, T);
+        (datt_chunk, att_chunk, rows, T, causal_count);
       });
     } else {
       SPOTRAIN_LAUNCH(blocks, kThreads, ctx.stream(), CausalSoftmaxBackwardKernel)
-      (datt_chunk, att_chunk, rows, T);
+      (datt_chunk, att_chunk, rows, T, causal_count);
     }
     CUDA_RETURN_IF_LAUNCH_ERROR();
     const Act* dscores = datt_chunk;

@@ -45,21 +45,21 @@ void HostGemm(const GemmPlan& p, const float* a_base, const float* b_base, float
 }
 
 // What CausalSoftmaxKernel computes, on one row of scores.
-void HostCausalSoftmax(float* row, int t, int T) {
+void HostCausalSoftmax(float* row, int t, int end) {
   float mx = -INFINITY;
   for (int j = 0; j <= t; ++j) mx = std::max(mx, row[j]);
   double sum = 0;
   for (int j = 0; j <= t; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
-  for (int j = 0; j < T; ++j) {
+  for (int j = 0; j < end; ++j) {
     row[j] = j <= t ? static_cast<float>(std::exp(static_cast<double>(row[j]) - mx) / sum) : 0.f;
   }
 }
 
 // What CausalSoftmaxBackwardKernel computes, in place over drow.
-void HostCausalSoftmaxBackward(float* drow, const float* prow, int t, int T) {
+void HostCausalSoftmaxBackward(float* drow, const float* prow, int t, int end) {
   double dot = 0;
   for (int j = 0; j <= t; ++j) dot += static_cast<double>(prow[j]) * drow[j];
-  for (int j = 0; j < T; ++j) {
+  for (int j = 0; j < end; ++j) {
     drow[j] = j <= t ? static_cast<float>(prow[j] * (drow[j] - dot)) : 0.f;
   }
 }
@@ -167,8 +167,10 @@ TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
     for (const PositionBlock& blk : blocks) {
       HostGemm(HeadScoresPlan(BH, T, hs, blk), k, q, att_chunk);
     }
+    const int count = static_cast<int>(blocks.size());
     for (int r = 0; r < BH * T; ++r) {
-      HostCausalSoftmax(&att_chunk[r * static_cast<size_t>(T)], r % T, T);
+      HostCausalSoftmax(&att_chunk[r * static_cast<size_t>(T)], r % T,
+                        CausalRowEnd(T, count, r % T));
     }
     std::vector<float> y(y_layout.size(), kNaN);
     for (const PositionBlock& blk : blocks) {
@@ -188,13 +190,25 @@ TEST_P(GemmPlanAttentionTest, ForwardAndBackwardMatchCpu) {
     }
     for (int r = 0; r < BH * T; ++r) {
       HostCausalSoftmaxBackward(&datt_chunk[r * static_cast<size_t>(T)],
-                                &att_chunk[r * static_cast<size_t>(T)], r % T, T);
+                                &att_chunk[r * static_cast<size_t>(T)], r % T,
+                                CausalRowEnd(T, count, r % T));
     }
     for (const PositionBlock& blk : blocks) {
       HostGemm(HeadGradQueriesPlan(BH, T, hs, blk), k, datt_chunk, dq);
       HostGemm(HeadGradKeysPlan(BH, T, hs, blk), q, datt_chunk, dk);
     }
     FromHeadMajor(dqkv, qkv_layout, /*accumulate=*/true, &dinp);
+  }
+  // Beyond each row's block nothing was written (still NaN), and nothing read it (or out and
+  // dinp would be NaN); within it, the CPU's probabilities and zeros.
+  const int count = static_cast<int>(blocks.size());
+  for (size_t r = 0; r < att_size / T; ++r) {
+    const int end = CausalRowEnd(T, count, static_cast<int>(r % T));
+    for (int j = end; j < T; ++j) {
+      ASSERT_TRUE(std::isnan(att[r * T + j])) << "att row " << r << " col " << j;
+      ASSERT_TRUE(std::isnan(datt[r * T + j])) << "datt row " << r << " col " << j;
+      att[r * T + j] = att_want[r * T + j];
+    }
   }
   ExpectAllClose("att", att, att_want, 1e-6f, 1e-4f);
   ExpectAllClose("out", out, out_want, 1e-5f, 1e-4f);
@@ -209,6 +223,20 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmPlanAttentionTest,
                                            std::make_tuple(3, 13, 24, 3, 2, 3),
                                            std::make_tuple(3, 13, 24, 3, 1, 13),
                                            std::make_tuple(1, 33, 32, 4, 4, 4)));
+
+TEST(CausalBlocksTest, RowEndIsTheEndOfTheRowsBlock) {
+  for (const int T : {1, 7, 13, 256, 520, 1000, 1024}) {
+    for (const int count : {1, 2, 3, 4, 13}) {
+      if (count > T) continue;
+      for (const PositionBlock& b : CausalBlocks(T, count)) {
+        for (int t = b.begin; t < b.end; ++t) {
+          ASSERT_EQ(CausalRowEnd(T, count, t), b.end)
+              << "T " << T << " count " << count << " t " << t;
+        }
+      }
+    }
+  }
+}
 
 TEST(CausalBlocksTest, CoverThePositionsInOrder) {
   for (const int T : {1, 7, 256, 1000, 1024}) {
