@@ -129,7 +129,7 @@ absl::Status ReconcileCheckpoints(const proto::RunConfig& config, Journal& journ
 
 // A change whose timeline was still open when the last process died has no line yet: it
 // gets one now with what was journaled (later points null), unless it was written just
-// before the kill.
+// before the kill. The journal forgets it only once the line is there.
 absl::Status WriteEventLeftOpen(Journal& journal, EventLog& events) {
   const proto::PendingEvent& pending = journal.state().open_event();
   if (pending.epoch() == 0) return absl::OkStatus();
@@ -137,8 +137,8 @@ absl::Status WriteEventLeftOpen(Journal& journal, EventLog& events) {
   ASSIGN_OR_RETURN(const bool written, events.Contains(e));
   if (!written) {
     e.detail = absl::StrCat(e.detail, e.detail.empty() ? "" : "; ",
-                            "the coordinator restarted before this change's recovery timeline "
-                            "was complete (later points unknown)");
+                            "line written at a coordinator restart (the last process did not "
+                            "write it): the workers' recovery points are unknown");
     RETURN_IF_ERROR(events.Write(e));
     SPOTRAIN_LOG(Info, "events.jsonl: wrote epoch %d's line, left open by the last process",
                  e.epoch);
@@ -164,7 +164,12 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   RETURN_IF_ERROR(ReconcileCheckpoints(c->config_, *journal));
   ASSIGN_OR_RETURN(std::unique_ptr<EventLog> events,
                    EventLog::Open(common::JoinPath(options.state_dir, "events.jsonl")));
-  RETURN_IF_ERROR(WriteEventLeftOpen(*journal, *events));
+  if (absl::Status s = WriteEventLeftOpen(*journal, *events); !s.ok()) {
+    SPOTRAIN_LOG(Warning,
+                 "events.jsonl: the line left open by the last process is not written "
+                 "(tried again at the next start): %s",
+                 std::string(s.message()));
+  }
   ASSIGN_OR_RETURN(c->metrics_, Metrics::Create(options.host, options.metrics_port));
   auto membership = std::make_unique<Membership>(c->config_, journal->state(), clock);
 

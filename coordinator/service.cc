@@ -561,10 +561,16 @@ void CoordinatorService::Apply(Actions& actions) {
     absl::Status s = DeleteStepDirectory(options_.checkpoint_dir, step);
     if (!s.ok()) SPOTRAIN_LOG(Warning, "pruning step %d: %s", step, std::string(s.message()));
   }
+  // Membership finalises an event and opens the next one in different inputs (a plan is sent
+  // only after the Ready answers), so the open event in the journal is still this batch's.
   for (const MembershipEvent& e : actions.events) {
     if (events_ != nullptr) {
       absl::Status s = events_->Write(e);
-      if (!s.ok()) SPOTRAIN_LOG(Error, "events: %s", std::string(s.message()));
+      if (!s.ok()) {
+        // The open event stays in the journal: the next start tries its line again.
+        SPOTRAIN_LOG(Error, "events: %s", std::string(s.message()));
+        continue;
+      }
     }
     // After the line (a kill in between writes it again at the restart, where EventLog::
     // Contains finds it): the journal forgets the open event.

@@ -335,8 +335,8 @@ TEST_F(CoordinatorRestartTest, EventLeftOpenByTheKillIsWrittenAfterTheRestart) {
   StartCoordinator();
   std::vector<std::string> lines = EventLines(epoch, "joined");
   ASSERT_EQ(lines.size(), 1u) << Log();
-  EXPECT_THAT(lines[0], HasSubstr("the coordinator restarted before this change's recovery "
-                                  "timeline was complete"));
+  EXPECT_THAT(lines[0], HasSubstr("line written at a coordinator restart (the last process did "
+                                  "not write it)"));
   EXPECT_THAT(lines[0], HasSubstr("\"members_after\":["));
   EXPECT_THAT(lines[0], ::testing::Not(HasSubstr("\"plan_sent_ms\":null")));
   EXPECT_THAT(lines[0], HasSubstr("\"first_step_ms\":null"));
@@ -345,6 +345,49 @@ TEST_F(CoordinatorRestartTest, EventLeftOpenByTheKillIsWrittenAfterTheRestart) {
   process_->Kill9();
   StartCoordinator();
   EXPECT_EQ(EventLines(epoch, "joined").size(), 1u) << Log();
+}
+
+// events.jsonl on a full disk (a link to /dev/full): the finished timeline's line cannot be
+// written, so the event stays open in the journal, and the next start writes it.
+TEST_F(CoordinatorRestartTest, EventLineFailedOnAFullDiskIsWrittenAtTheNextStart) {
+  WriteConfig(/*steps=*/20);
+  ASSERT_TRUE(common::MakeDirectories(dir_ + "/state").ok());
+  ASSERT_EQ(::symlink("/dev/full", (dir_ + "/state/events.jsonl").c_str()), 0);
+  StartCoordinator();
+  FakeWorker& a = NewWorker("a");
+  FakeWorker& b = NewWorker("b");
+  for (FakeWorker* w : {&a, &b}) {
+    ASSERT_TRUE(w->Join().ok());
+    w->Open();
+  }
+  for (FakeWorker* w : {&a, &b}) ASSERT_GT(w->AnswerPrepare(-1), 0);
+  for (FakeWorker* w : {&a, &b}) ASSERT_TRUE(w->WaitPlan().has_value());
+  const int64_t epoch = a.epoch();
+  a.StepDone(0);
+  ASSERT_TRUE(Eventually([&] { return Status().step() == 1; }));
+  // Both recovery reports complete the timeline: the line is due now.
+  for (FakeWorker* w : {&a, &b}) {
+    proto::WorkerMessage m;
+    m.mutable_recovery_report()->set_epoch(epoch);
+    m.mutable_recovery_report()->set_group_rebuilt_ms(5);
+    m.mutable_recovery_report()->set_state_synced_ms(6);
+    m.mutable_recovery_report()->set_first_step_ms(7);
+    w->Send(m);
+  }
+  ASSERT_TRUE(Eventually([&] { return absl::StrContains(Log(), "No space left on device"); },
+                         absl::Seconds(60)))
+      << Log();
+  process_->Kill9();
+  EXPECT_TRUE(a.WaitEnded());
+  EXPECT_TRUE(b.WaitEnded());
+
+  ASSERT_EQ(::unlink((dir_ + "/state/events.jsonl").c_str()), 0);  // space again
+  StartCoordinator();
+  std::vector<std::string> lines = EventLines(epoch, "joined");
+  ASSERT_EQ(lines.size(), 1u) << Log();
+  EXPECT_THAT(lines[0], HasSubstr("line written at a coordinator restart"));
+  // The first step was journaled with the open event.
+  EXPECT_THAT(lines[0], ::testing::Not(HasSubstr("\"first_step_ms\":null")));
 }
 
 TEST_F(CoordinatorRestartTest, KillAtRandomMomentsNeverCorruptsTheState) {
