@@ -9,7 +9,8 @@
 //          deterministic).
 //   kBf16: mixed precision. Activations and activation gradients are bf16, matrix
 //          products take bf16 inputs and accumulate in fp32 (CUBLAS_COMPUTE_32F), the
-//          logits, softmax and loss are fp32. Parameters stay fp32 (master weights: the
+//          logits are bf16 too (as llm.c) and the softmax and loss are computed from them
+//          in fp32. Parameters stay fp32 (master weights: the
 //          matrices are rounded to a bf16 working copy at the start of every Forward /
 //          ForwardBackward), parameter gradients and the AdamW moments are fp32, so the
 //          state a checkpoint holds is always fp32 and has the CPU model's layout.

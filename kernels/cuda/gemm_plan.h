@@ -83,7 +83,8 @@ struct HeadLayout {
 // inside the computed tiles are computed and then zeroed by the softmax kernels; entries
 // beyond the row's block (columns >= CausalRowEnd) are never written by the products nor by
 // the softmax kernels (which may only round a partly needed 16-byte pack out with zeros),
-// and nothing reads them.
+// and no product reads them (the packed softmax kernels load the pack holding the diagonal
+// and ignore its elements past it).
 struct PositionBlock {
   int begin = 0;
   int end = 0;

@@ -1337,7 +1337,8 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 // every (batch element, head) pair, around a causal softmax. The products skip the tiles
 // above the diagonal by position blocks (CausalBlocks); the softmax zeroes the rest of the
 // upper triangle inside the computed tiles. att and datt are defined in columns
-// [0, CausalRowEnd) of each row only: nothing writes or reads beyond.
+// [0, CausalRowEnd) of each row only: beyond the 16-byte pack that holds that end nothing
+// writes them, and no product reads them.
 template <typename Act>
 absl::Status AttentionForward(CudaContext& ctx, Act* out, Act* att, const Act* inp, int B, int T,
                               int C, int NH, const float* inp_bias) {

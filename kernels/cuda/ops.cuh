@@ -85,8 +85,9 @@ absl::Status MatmulBackward(CudaContext& ctx, Act* dinp, float* dweight, float* 
 
 // Causal multi-head self-attention; inp is the fused qkv [B,T,3C], out [B,T,C], att
 // [B,NH,T,T] the softmax probabilities, saved for backward: row t holds them in columns
-// [0, t], zeros up to the end of t's causal position block (CausalRowEnd in gemm_plan.h),
-// and the columns beyond are left as they were (never read). With
+// [0, t], zeros up to the end of t's causal position block (CausalRowEnd in gemm_plan.h;
+// rounded up to a 16-byte pack), and the columns beyond are left as they were (no product
+// reads them). With
 // inp_bias ([3C], fp32), inp is the qkv product without its bias and the attention adds it as
 // it copies q, k, v (the same bits as adding it to inp first, without a pass over inp).
 template <typename Act>

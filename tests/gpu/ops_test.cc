@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -65,6 +66,17 @@ std::vector<float> CheckBeyondCausalBlocks(std::vector<float> got, const std::ve
     }
   }
   return got;
+}
+
+// `v` with NaN beyond each row's causal block: what no kernel may read.
+std::vector<float> NanBeyondCausalBlocks(std::vector<float> v, int T) {
+  const int count = cuda::DefaultCausalBlockCount(T);
+  for (size_t r = 0; r < v.size() / T; ++r) {
+    for (int j = cuda::CausalRowEnd(T, count, static_cast<int>(r % T)); j < T; ++j) {
+      v[r * T + j] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+  return v;
 }
 
 // The GPU-side mirror of "+=": CPU and GPU accumulate into the same random starting values.
@@ -223,13 +235,15 @@ void AttentionCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int B, int T
   ExpectAllClose("attention out", d_out.Download(), out, kAtol32, kRtol32);
   ExpectAllClose("attention probs", CheckBeyondCausalBlocks(d_att.Download(), att, T), att, kAtol32,
                  kRtol32);
-  d_att.Upload(att);
+  // The backward may not read att beyond the causal blocks either, nor write datt there.
+  d_att.Upload(NanBeyondCausalBlocks(att, T));
   ASSERT_TRUE(cuda::AttentionBackward(ctx, d_dinp.get(), d_datt.get(),
                                       static_cast<const float*>(d_dout.get()),
                                       static_cast<const float*>(d_inp.get()),
                                       static_cast<const float*>(d_att.get()), B, T, C, NH)
                   .ok());
   ExpectAllClose("attention dinp", d_dinp.Download(), dinp_ref, 1e-4f, kRtol32);
+  CheckBeyondCausalBlocks(d_datt.Download(), datt, T);
 }
 
 TEST_F(GpuOpsTest, AttentionForwardBackward) {
@@ -240,6 +254,7 @@ TEST_F(GpuOpsTest, AttentionForwardBackward) {
   AttentionCase(cpu_, ctx(), 1, 512, 64, 2);   // 2 blocks
   AttentionCase(cpu_, ctx(), 1, 1024, 32, 2);  // 4 blocks, GPT-2's T
   AttentionCase(cpu_, ctx(), 1, 777, 32, 2);   // 3 uneven blocks, unaligned operand offsets
+  AttentionCase(cpu_, ctx(), 1, 896, 32, 2);   // packed rows, block ends inside a 16-byte pack
 }
 
 // With less scratch than the whole batch needs, the attention runs in chunks of batch
@@ -376,25 +391,40 @@ void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, in
 // bf16 logits (a bf16 model's classifier): the values are rounded to bf16 first, so the CPU
 // pair in fp32 on the same values is the reference for the losses and stats (computed in
 // fp32 by both) and, to bf16's rounding, for the dlogits, written over the logits (in place)
-// or into their own buffer. The fused form gives the same bits as the two calls.
+// or into their own buffer. `offset` elements before the logits: 1 makes them 2-byte aligned
+// only, so the kernels take their element loop although Vp is a multiple of 4. The fused form
+// gives the same bits as the two calls.
 void Bf16LogitsCrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, int V,
-                                int Vp, bool in_place) {
-  SCOPED_TRACE(::testing::Message()
-               << "bf16 logits N=" << N << " V=" << V << " Vp=" << Vp << " in_place=" << in_place);
+                                int Vp, bool in_place, int offset = 0) {
+  SCOPED_TRACE(::testing::Message() << "bf16 logits N=" << N << " V=" << V << " Vp=" << Vp
+                                    << " in_place=" << in_place << " offset=" << offset);
   const auto logits = RoundToBf16(RandomVector(N * Vp, 60 + Vp, 8.0f));
   const auto targets = RandomTokens(N, V, 61);
-  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
+  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp), stats(2 * N);
   const float scale = 1.0f / N;
   cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
                                   targets.data(), N, V, Vp);
   cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
                                    V, Vp);
-  Bf16Buffer d_logits(ToBf16Bits(logits)), d_dlogits(N * Vp);
+  for (int n = 0; n < N; ++n) {
+    const float* x = &logits[static_cast<size_t>(n) * Vp];
+    const float mx = *std::max_element(x, x + V);
+    double sum = 0;
+    for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
+    stats[2 * n] = mx;
+    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
+  }
+  std::vector<uint16_t> bits(offset, 0);
+  for (uint16_t b : ToBf16Bits(logits)) bits.push_back(b);
+  const auto strip = [&](std::vector<uint16_t> v) {
+    return std::vector<uint16_t>(v.begin() + offset, v.end());
+  };
+  Bf16Buffer d_logits(bits), d_dlogits(offset + N * Vp);
   DeviceBuffer<float> d_stats(2 * N), d_losses(N);
   DeviceBuffer<int32_t> d_targets(targets);
   d_dlogits.FillBytes(0xFF);
-  const cuda::bf16* x = AsBf16(d_logits);
-  cuda::bf16* out = in_place ? AsBf16(d_logits) : AsBf16(d_dlogits);
+  const cuda::bf16* x = AsBf16(d_logits) + offset;
+  cuda::bf16* out = (in_place ? AsBf16(d_logits) : AsBf16(d_dlogits)) + offset;
   ASSERT_TRUE(
       cuda::CrossEntropyForward(ctx, d_losses.get(), d_stats.get(), x, d_targets.get(), N, V, Vp)
           .ok());
@@ -402,25 +432,28 @@ void Bf16LogitsCrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx,
                                          d_targets.get(), scale, N, V, Vp)
                   .ok());
   ExpectAllClose("losses", d_losses.Download(), losses, kAtol32, kRtol32);
-  const std::vector<uint16_t> two = in_place ? d_logits.Download() : d_dlogits.Download();
+  ExpectAllClose("stats", d_stats.Download(), stats, 0, kRtol32);
+  const std::vector<uint16_t> two = strip(in_place ? d_logits.Download() : d_dlogits.Download());
   ExpectAllClose("bf16 dlogits", FromBf16Bits(two), dlogits, 1e-8f, 1.0f / 128);
   for (int n = 0; n < N; ++n) {  // padded columns exactly 0
-    for (int j = V; j < Vp; ++j)
+    for (int j = V; j < Vp; ++j) {
       ASSERT_EQ(two[static_cast<size_t>(n) * Vp + j], 0) << n << "," << j;
+    }
   }
 
-  Bf16Buffer f_logits(ToBf16Bits(logits)), f_dlogits(N * Vp);
+  Bf16Buffer f_logits(bits), f_dlogits(offset + N * Vp);
   DeviceBuffer<float> f_stats(2 * N), f_losses(N);
   f_stats.FillBytes(0xFF);
   f_dlogits.FillBytes(0xFF);
-  cuda::bf16* f_out = in_place ? AsBf16(f_logits) : AsBf16(f_dlogits);
-  ASSERT_TRUE(cuda::CrossEntropyForwardBackward(ctx, f_losses.get(), f_stats.get(), f_out,
-                                                static_cast<const cuda::bf16*>(AsBf16(f_logits)),
-                                                d_targets.get(), scale, N, V, Vp)
-                  .ok());
+  cuda::bf16* f_out = (in_place ? AsBf16(f_logits) : AsBf16(f_dlogits)) + offset;
+  ASSERT_TRUE(
+      cuda::CrossEntropyForwardBackward(ctx, f_losses.get(), f_stats.get(), f_out,
+                                        static_cast<const cuda::bf16*>(AsBf16(f_logits) + offset),
+                                        d_targets.get(), scale, N, V, Vp)
+          .ok());
   EXPECT_TRUE(BitIdentical(f_losses.Download(), d_losses.Download())) << "fused losses";
   EXPECT_TRUE(BitIdentical(f_stats.Download(), d_stats.Download())) << "fused stats";
-  EXPECT_EQ(in_place ? f_logits.Download() : f_dlogits.Download(), two) << "fused dlogits";
+  EXPECT_EQ(strip(in_place ? f_logits.Download() : f_dlogits.Download()), two) << "fused dlogits";
 }
 
 TEST_F(GpuOpsTest, Bf16LogitsCrossEntropy) {
@@ -428,6 +461,8 @@ TEST_F(GpuOpsTest, Bf16LogitsCrossEntropy) {
   Bf16LogitsCrossEntropyCase(cpu_, ctx(), 33, 1001, 1024, false);
   Bf16LogitsCrossEntropyCase(cpu_, ctx(), 17, 997, 999, true);     // Vp odd: element loads
   Bf16LogitsCrossEntropyCase(cpu_, ctx(), 5, 50257, 50304, true);  // GPT-2's vocabulary
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 9, 1001, 1024, true, /*offset=*/1);  // 2-byte aligned
+  Bf16LogitsCrossEntropyCase(cpu_, ctx(), 9, 1001, 1024, false, /*offset=*/1);
 
   // Only exactly the logits' memory may take the dlogits: a shifted view is refused.
   const int N = 4, V = 60, Vp = 64;
