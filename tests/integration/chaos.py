@@ -35,6 +35,7 @@ Prints one line per schedule and a closing line "N passed, N failed"; exit 1 on 
 Every wait is for an event with a generous deadline; nothing sleeps a fixed time.
 """
 import argparse
+import collections
 import glob
 import json
 import os
@@ -638,6 +639,7 @@ class _Run:
             if abs(loss - want_loss) > LOSS_TOLERANCE * want_loss:
                 problems.append(f"{name}: final val loss {loss:.4f} differs from the "
                                 f"standalone {want_loss:.4f} by more than 2%")
+        problems += self.check_event_lines(c)
         if problems:
             raise TestFailure("; ".join(problems))
         if self.corrupted and not any(
@@ -660,6 +662,23 @@ class _Run:
         return (f"{fired}/{len(self.schedule['events'])} events fired, "
                 f"{len(recoveries)} epochs ({','.join(sorted(set(recoveries)))}; "
                 f"{restores} from a checkpoint), {what}{late}")
+
+
+    @staticmethod
+    def check_event_lines(c):
+        """events.jsonl, across coordinator kills: one line for every epoch a worker started
+        (besides a `restored` line when a restart kept it), never two."""
+        started = set()
+        for proc in c.workers.values():
+            started.update(int(m) for m in re.findall(r"epoch (\d+): rank \d+ of \d+, start",
+                                                      proc.output()))
+        counts = collections.Counter(e.get("epoch") for e in c.events()
+                                     if e.get("cause") != "restored" and not e.get("paused"))
+        problems = [f"events.jsonl has {counts[epoch]} lines for epoch {epoch} (want 1)"
+                    for epoch in sorted(started) if counts[epoch] != 1]
+        problems += [f"events.jsonl has {n} lines for epoch {epoch}"
+                     for epoch, n in sorted(counts.items()) if n > 1 and epoch not in started]
+        return problems
 
 
 # ----------------------------------------------------------------------------- main
