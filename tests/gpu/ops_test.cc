@@ -308,6 +308,21 @@ TEST_F(GpuOpsTest, GeluAndResidual) {
   ExpectAllClose("residual db", d_db.Download(), db_ref, 0, 0);
 }
 
+// What CrossEntropyForward keeps per row: the max logit and 1 / sum exp(logit - max), the
+// sum in double.
+std::vector<float> ReferenceStats(const std::vector<float>& logits, int N, int V, int Vp) {
+  std::vector<float> stats(2 * N);
+  for (int n = 0; n < N; ++n) {
+    const float* x = &logits[static_cast<size_t>(n) * Vp];
+    const float mx = *std::max_element(x, x + V);
+    double sum = 0;
+    for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
+    stats[2 * n] = mx;
+    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
+  }
+  return stats;
+}
+
 // The fused pair against the CPU's SoftmaxCrossEntropy pair: losses, stats (max and 1/sum
 // per row) and dlogits, with 16-byte loads (Vp a multiple of 4, V not: a scalar tail) and
 // without (Vp odd), and with dlogits written over the logits (fp32).
@@ -330,15 +345,7 @@ void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, in
                                   targets.data(), N, V, Vp);
   cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
                                    V, Vp);
-  std::vector<float> stats(2 * N);
-  for (int n = 0; n < N; ++n) {
-    const float* x = &logits[static_cast<size_t>(n) * Vp];
-    const float mx = *std::max_element(x, x + V);
-    double sum = 0;
-    for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
-    stats[2 * n] = mx;
-    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
-  }
+  const std::vector<float> stats = ReferenceStats(logits, N, V, Vp);
   DeviceBuffer<float> d_logits(logits), d_stats(2 * N), d_losses(N), d_dlogits(N * Vp);
   DeviceBuffer<int32_t> d_targets(targets);
   ASSERT_TRUE(cuda::CrossEntropyForward(ctx, d_losses.get(), d_stats.get(), d_logits.get(),
@@ -400,20 +407,13 @@ void Bf16LogitsCrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx,
                                     << " in_place=" << in_place << " offset=" << offset);
   const auto logits = RoundToBf16(RandomVector(N * Vp, 60 + Vp, 8.0f));
   const auto targets = RandomTokens(N, V, 61);
-  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp), stats(2 * N);
+  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
   const float scale = 1.0f / N;
   cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
                                   targets.data(), N, V, Vp);
   cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
                                    V, Vp);
-  for (int n = 0; n < N; ++n) {
-    const float* x = &logits[static_cast<size_t>(n) * Vp];
-    const float mx = *std::max_element(x, x + V);
-    double sum = 0;
-    for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
-    stats[2 * n] = mx;
-    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
-  }
+  const std::vector<float> stats = ReferenceStats(logits, N, V, Vp);
   std::vector<uint16_t> bits(offset, 0);
   for (uint16_t b : ToBf16Bits(logits)) bits.push_back(b);
   const auto strip = [&](std::vector<uint16_t> v) {

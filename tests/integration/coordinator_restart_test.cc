@@ -176,6 +176,16 @@ class CoordinatorRestartTest : public ::testing::Test {
     return StepDirectory(checkpoint_dir_, step) + "/manifest.json";
   }
 
+  // The workers join, answer the Prepare and receive the first Plan.
+  void JoinAndPlan(const std::vector<FakeWorker*>& workers) {
+    for (FakeWorker* w : workers) {
+      ASSERT_TRUE(w->Join().ok());
+      w->Open();
+    }
+    for (FakeWorker* w : workers) ASSERT_GT(w->AnswerPrepare(-1), 0);
+    for (FakeWorker* w : workers) ASSERT_TRUE(w->WaitPlan().has_value());
+  }
+
   // The lines of events.jsonl for `epoch` with `cause`.
   std::vector<std::string> EventLines(int64_t epoch, const std::string& cause) {
     std::vector<std::string> found;
@@ -200,12 +210,7 @@ TEST_F(CoordinatorRestartTest, KillDashNineAndRestartKeepsTheRun) {
   StartCoordinator();
   FakeWorker& a = NewWorker("a");
   FakeWorker& b = NewWorker("b");
-  for (FakeWorker* w : {&a, &b}) {
-    ASSERT_TRUE(w->Join().ok());
-    w->Open();
-  }
-  for (FakeWorker* w : {&a, &b}) ASSERT_GT(w->AnswerPrepare(-1), 0);
-  for (FakeWorker* w : {&a, &b}) ASSERT_TRUE(w->WaitPlan().has_value());
+  ASSERT_NO_FATAL_FAILURE(JoinAndPlan({&a, &b}));
   const int64_t epoch = a.epoch();
   const uint64_t old_a = a.id(), old_b = b.id();
   for (int64_t s = 0; s < 5; ++s) a.StepDone(s);
@@ -319,12 +324,7 @@ TEST_F(CoordinatorRestartTest, EventLeftOpenByTheKillIsWrittenAfterTheRestart) {
   StartCoordinator();
   FakeWorker& a = NewWorker("a");
   FakeWorker& b = NewWorker("b");
-  for (FakeWorker* w : {&a, &b}) {
-    ASSERT_TRUE(w->Join().ok());
-    w->Open();
-  }
-  for (FakeWorker* w : {&a, &b}) ASSERT_GT(w->AnswerPrepare(-1), 0);
-  for (FakeWorker* w : {&a, &b}) ASSERT_TRUE(w->WaitPlan().has_value());
+  ASSERT_NO_FATAL_FAILURE(JoinAndPlan({&a, &b}));
   const int64_t epoch = a.epoch();
   // No step and no recovery report: the timeline stays open (for 5 minutes), no line yet.
   EXPECT_TRUE(EventLines(epoch, "joined").empty());
@@ -356,12 +356,7 @@ TEST_F(CoordinatorRestartTest, EventLineFailedOnAFullDiskIsWrittenAtTheNextStart
   StartCoordinator();
   FakeWorker& a = NewWorker("a");
   FakeWorker& b = NewWorker("b");
-  for (FakeWorker* w : {&a, &b}) {
-    ASSERT_TRUE(w->Join().ok());
-    w->Open();
-  }
-  for (FakeWorker* w : {&a, &b}) ASSERT_GT(w->AnswerPrepare(-1), 0);
-  for (FakeWorker* w : {&a, &b}) ASSERT_TRUE(w->WaitPlan().has_value());
+  ASSERT_NO_FATAL_FAILURE(JoinAndPlan({&a, &b}));
   const int64_t epoch = a.epoch();
   a.StepDone(0);
   ASSERT_TRUE(Eventually([&] { return Status().step() == 1; }));
