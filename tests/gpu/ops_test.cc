@@ -308,19 +308,31 @@ TEST_F(GpuOpsTest, GeluAndResidual) {
   ExpectAllClose("residual db", d_db.Download(), db_ref, 0, 0);
 }
 
-// What CrossEntropyForward keeps per row: the max logit and 1 / sum exp(logit - max), the
-// sum in double.
-std::vector<float> ReferenceStats(const std::vector<float>& logits, int N, int V, int Vp) {
-  std::vector<float> stats(2 * N);
+// The CPU reference of the cross-entropy: its losses and dlogits, and what
+// CrossEntropyForward keeps per row (the max logit and 1 / sum exp(logit - max), the sum in
+// double).
+struct CrossEntropyReference {
+  std::vector<float> losses, dlogits, stats;
+};
+CrossEntropyReference CpuCrossEntropy(cpu::CpuContext cpu_ctx, const std::vector<float>& logits,
+                                      const std::vector<int32_t>& targets, int N, int V, int Vp,
+                                      float scale) {
+  CrossEntropyReference r{std::vector<float>(N), std::vector<float>(N * Vp),
+                          std::vector<float>(2 * N)};
+  std::vector<float> probs(N * Vp);
+  cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), r.losses.data(), logits.data(),
+                                  targets.data(), N, V, Vp);
+  cpu::SoftmaxCrossEntropyBackward(cpu_ctx, r.dlogits.data(), probs.data(), targets.data(), scale,
+                                   N, V, Vp);
   for (int n = 0; n < N; ++n) {
     const float* x = &logits[static_cast<size_t>(n) * Vp];
     const float mx = *std::max_element(x, x + V);
     double sum = 0;
     for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
-    stats[2 * n] = mx;
-    stats[2 * n + 1] = static_cast<float>(1.0 / sum);
+    r.stats[2 * n] = mx;
+    r.stats[2 * n + 1] = static_cast<float>(1.0 / sum);
   }
-  return stats;
+  return r;
 }
 
 // The fused pair against the CPU's SoftmaxCrossEntropy pair: losses, stats (max and 1/sum
@@ -339,13 +351,8 @@ void CrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx, int N, in
       }
     }
   }
-  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
   const float scale = 1.0f / N;
-  cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
-                                  targets.data(), N, V, Vp);
-  cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
-                                   V, Vp);
-  const std::vector<float> stats = ReferenceStats(logits, N, V, Vp);
+  const auto [losses, dlogits, stats] = CpuCrossEntropy(cpu_ctx, logits, targets, N, V, Vp, scale);
   DeviceBuffer<float> d_logits(logits), d_stats(2 * N), d_losses(N), d_dlogits(N * Vp);
   DeviceBuffer<int32_t> d_targets(targets);
   ASSERT_TRUE(cuda::CrossEntropyForward(ctx, d_losses.get(), d_stats.get(), d_logits.get(),
@@ -407,13 +414,8 @@ void Bf16LogitsCrossEntropyCase(cpu::CpuContext cpu_ctx, cuda::CudaContext& ctx,
                                     << " in_place=" << in_place << " offset=" << offset);
   const auto logits = RoundToBf16(RandomVector(N * Vp, 60 + Vp, 8.0f));
   const auto targets = RandomTokens(N, V, 61);
-  std::vector<float> probs(N * Vp), losses(N), dlogits(N * Vp);
   const float scale = 1.0f / N;
-  cpu::SoftmaxCrossEntropyForward(cpu_ctx, probs.data(), losses.data(), logits.data(),
-                                  targets.data(), N, V, Vp);
-  cpu::SoftmaxCrossEntropyBackward(cpu_ctx, dlogits.data(), probs.data(), targets.data(), scale, N,
-                                   V, Vp);
-  const std::vector<float> stats = ReferenceStats(logits, N, V, Vp);
+  const auto [losses, dlogits, stats] = CpuCrossEntropy(cpu_ctx, logits, targets, N, V, Vp, scale);
   std::vector<uint16_t> bits(offset, 0);
   for (uint16_t b : ToBf16Bits(logits)) bits.push_back(b);
   const auto strip = [&](std::vector<uint16_t> v) {
