@@ -359,12 +359,20 @@ function checkRules(objs, overlay) {
     }
     need((p.spec.ingress ?? []).some((r) => portCovered(r, port)), `NetworkPolicy ${p.metadata.name} blocks workers from the coordinator`);
   }
+  // The collective ports are the workers' ephemeral ports: the range their pod sets with the
+  // net.ipv4.ip_local_port_range sysctl, else the whole unprivileged range.
+  const range = (podSpec(worker).securityContext?.sysctls ?? [])
+    .find((s) => s.name === "net.ipv4.ip_local_port_range");
+  const [lo, hi] = range ? String(range.value).trim().split(/\s+/).map(Number) : [1024, 65535];
+  need(Number.isInteger(lo) && Number.isInteger(hi) && 1024 <= lo && lo <= hi && hi <= 65535,
+    `worker net.ipv4.ip_local_port_range "${range?.value}" is not "LOW HIGH" within 1024-65535`);
   for (const p of wpol) {
     const rules = p.spec.ingress ?? [];
     need(rules.length > 0, `NetworkPolicy ${p.metadata.name} lets no worker reach the collective ports`);
     for (const rule of rules) {
       need(onlyFrom(rule, workerLabels), `NetworkPolicy ${p.metadata.name} opens worker ports to non-workers`);
-      need(portCovered(rule, 30000), `NetworkPolicy ${p.metadata.name} does not open the ephemeral collective ports`);
+      need(portCovered(rule, lo) && portCovered(rule, hi),
+        `NetworkPolicy ${p.metadata.name} does not open the workers' ephemeral collective ports ${lo}-${hi}`);
     }
   }
   return { errs, runJson };
@@ -431,6 +439,10 @@ async function selfTest(objs, overlay, opts) {
     }],
     ["advertise host not the pod IP", /advertise-host/, (os) => {
       container(workerOf(os)).env = [];
+    }],
+    ["worker ephemeral range wider than the policy", /ephemeral collective ports 20000-60999/, (os) => {
+      podSpec(workerOf(os)).securityContext.sysctls =
+        [{ name: "net.ipv4.ip_local_port_range", value: "20000 60999" }];
     }],
     ["open coordinator port", /opens the coordinator port/, (os) => {
       const p = os.find((o) => o.kind === "NetworkPolicy" && o.metadata.name === "spotrain-coordinator");
